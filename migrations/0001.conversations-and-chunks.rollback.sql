@@ -1,0 +1,3 @@
+DROP TABLE chunks;
+DROP TABLE conversations;
+DROP TABLE service_instances;

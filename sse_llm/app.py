@@ -1,0 +1,83 @@
+"""create_app(settings): routes, error handlers, and the lifespan that builds the parts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from sse_llm import api
+from sse_llm.config import ConfigError, Settings
+from sse_llm.database import apply_migrations, open_pool
+from sse_llm.errors import EXCEPTION_HANDLERS
+from sse_llm.generation import Generations
+from sse_llm.lease import InstanceLease
+from sse_llm.providers import create_provider
+from sse_llm.resources import resource_dir
+from sse_llm.writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
+    """The ASGI app. `settings.database_url` must be set (the CLI starts the embedded one).
+
+    With `migrate`, pending migrations are applied at startup.
+    """
+    if not settings.database_url:
+        raise ConfigError("create_app needs settings.database_url (sse-llm serve sets it)")
+    app = Starlette(
+        routes=[
+            *api.routes,
+            Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.migrate = migrate
+    app.state.shutting_down = False
+    return app
+
+
+def create_app_from_environment() -> Starlette:
+    """The factory `sse-llm serve --workers N` runs in each worker (it migrated already)."""
+    return create_app(Settings.from_env(), migrate=False)
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Build the pool, provider, writer, generations and lease; tear them down in reverse."""
+    settings: Settings = app.state.settings
+    database_url = settings.database_url
+    assert database_url is not None
+    if app.state.migrate:
+        await asyncio.to_thread(apply_migrations, database_url)
+    pool = await open_pool(database_url)
+    provider = create_provider(settings)
+    writer = ChunkWriter(database_url, settings.storage_timeout)
+    writer.start()
+    generations = Generations(provider, writer, pool, settings)
+    lease = InstanceLease(pool, generations.ids)
+    await lease.start()
+    app.state.pool = pool
+    app.state.provider = provider
+    app.state.generations = generations
+    app.state.lease = lease
+    if not settings.api_key:
+        log.warning("SSE_LLM_API_KEY is not set: anyone who can reach this service can use it")
+    log.info("ready: provider=%s model=%s", provider.name, provider.model)
+    try:
+        yield
+    finally:
+        app.state.shutting_down = True
+        await generations.shutdown(settings.shutdown_grace)
+        await writer.close()
+        await lease.release()
+        await provider.aclose()
+        await pool.close()

@@ -1,0 +1,123 @@
+"""Settings: every knob of the service, read from the environment and validated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+PROVIDERS = ("demo", "openai")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Build it with `Settings.from_env()`; tests use `replace()`."""
+
+    database_url: str | None = None
+    data_dir: Path = Path(".sse-llm")
+    provider: str = "demo"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = field(default=None, repr=False)
+    model: str | None = None
+    first_chunk_timeout: float = 30.0
+    chunk_timeout: float = 30.0
+    total_timeout: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
+    max_prompt_chars: int = 32_000
+    host: str = "127.0.0.1"
+    port: int = 8000
+    demo_tokens_per_second: float = 20.0
+    demo_tokens: int = 60
+    ping_interval: float = 15.0
+    storage_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+    max_streams: int = 1000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the SPEC 1 variables; raise ConfigError naming a bad one."""
+        env = os.environ if environ is None else environ
+        settings = cls(
+            database_url=env.get("DATABASE_URL") or None,
+            data_dir=Path(env.get("SSE_LLM_DATA_DIR") or ".sse-llm"),
+            provider=_read(env, "LLM_PROVIDER", str, "demo").lower(),
+            openai_base_url=_read(env, "OPENAI_BASE_URL", str, cls.openai_base_url),
+            openai_api_key=env.get("OPENAI_API_KEY") or None,
+            model=env.get("LLM_MODEL") or None,
+            first_chunk_timeout=_read(env, "LLM_FIRST_CHUNK_TIMEOUT", float, 30.0),
+            chunk_timeout=_read(env, "LLM_CHUNK_TIMEOUT", float, 30.0),
+            total_timeout=_read(env, "LLM_TOTAL_TIMEOUT", float, 600.0),
+            api_key=env.get("SSE_LLM_API_KEY") or None,
+            max_prompt_chars=_read(env, "SSE_LLM_MAX_PROMPT_CHARS", int, 32_000),
+            host=_read(env, "SSE_LLM_HOST", str, "127.0.0.1"),
+            port=_read(env, "SSE_LLM_PORT", int, 8000),
+            demo_tokens_per_second=_read(env, "DEMO_TOKENS_PER_SECOND", float, 20.0),
+            demo_tokens=_read(env, "DEMO_TOKENS", int, 60),
+            ping_interval=_read(env, "SSE_LLM_PING_INTERVAL", float, 15.0),
+            storage_timeout=_read(env, "SSE_LLM_STORAGE_TIMEOUT", float, 10.0),
+            shutdown_grace=_read(env, "SSE_LLM_SHUTDOWN_GRACE", float, 30.0),
+            max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
+        )
+        settings.validate()
+        return settings
+
+    def with_changes(self, **changes: object) -> Settings:
+        """A validated copy with some fields changed (for tests and the CLI flags)."""
+        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError if a value is out of range."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}, not {self.provider!r}"
+            )
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("DATABASE_URL must start with postgresql:// (or postgres://)")
+        if not self.openai_base_url.startswith(("http://", "https://")):
+            raise ConfigError("OPENAI_BASE_URL must be an http:// or https:// URL")
+        positive = {
+            "LLM_FIRST_CHUNK_TIMEOUT": self.first_chunk_timeout,
+            "LLM_CHUNK_TIMEOUT": self.chunk_timeout,
+            "LLM_TOTAL_TIMEOUT": self.total_timeout,
+            "SSE_LLM_MAX_PROMPT_CHARS": self.max_prompt_chars,
+            "DEMO_TOKENS": self.demo_tokens,
+            "SSE_LLM_STORAGE_TIMEOUT": self.storage_timeout,
+            "SSE_LLM_MAX_STREAMS": self.max_streams,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be greater than 0, not {value}")
+        not_negative = {
+            "DEMO_TOKENS_PER_SECOND": self.demo_tokens_per_second,
+            "SSE_LLM_PING_INTERVAL": self.ping_interval,
+            "SSE_LLM_SHUTDOWN_GRACE": self.shutdown_grace,
+        }
+        for name, value in not_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be 0 or more, not {value}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"SSE_LLM_PORT must be between 1 and 65535, not {self.port}")
+
+
+def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be {_describe(kind)}, not {raw!r}") from None
+
+
+def _describe(kind: Callable[..., object]) -> str:
+    return {int: "a whole number", float: "a number"}.get(kind, "text")  # type: ignore[call-overload]

@@ -1,0 +1,89 @@
+"""ApiError and the handlers that turn every failure into the SPEC 6 JSON shape."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+from psycopg_pool import PoolTimeout
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error a client should see: raise it anywhere, one handler renders it."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """`{"error": {"code": ..., "message": ...}}` with its status."""
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    """Render an ApiError."""
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Render Starlette's own errors (unknown route 404, wrong method 405) in our shape."""
+    assert isinstance(exc, HTTPException)
+    code = _CODES.get(exc.status_code, "error")
+    if exc.status_code == 404:
+        message = "Nothing here. See the README for the endpoints."
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, code, message, exc.headers)
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """The database is unreachable: 503, and the details only in the log."""
+    log.warning("database unavailable during %s %s: %s", request.method, request.url.path, exc)
+    message = "The database is unavailable. Try again shortly."
+    return error_response(503, "database_unavailable", message, {"Retry-After": "5"})
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """Anything else: a generic 500; the traceback goes to the log, never to the client."""
+    log.error("unhandled error during %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "Something went wrong on our side.")
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: handle_api_error,
+    HTTPException: handle_http_exception,
+    psycopg.OperationalError: handle_database_error,
+    PoolTimeout: handle_database_error,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,68 @@
+"""The SSE wire format of a conversation's stream (start / chunk / done / error), in one place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from uuid import UUID
+
+from sse_llm.generation import Outcome, Subscriber
+from sse_llm.store import Chunk, Conversation
+
+
+def _json(value: object) -> str:
+    # No raw newline can appear in compact JSON, so one `data:` line always suffices.
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def start_event(conversation: Conversation) -> bytes:
+    """`event: start` with the conversation's id, creation time and model."""
+    data = {
+        "id": str(conversation.id),
+        "created_at": conversation.created_at.isoformat(),
+        "model": conversation.model,
+    }
+    return f"event: start\ndata: {_json(data)}\n\n".encode()
+
+
+def chunk_events(chunks: Iterable[Chunk]) -> bytes:
+    """One unnamed event per chunk, its `id:` the chunk's sequence number (for Last-Event-ID)."""
+    return "".join(
+        f"id: {chunk.seq}\ndata: {_json({'text': chunk.text})}\n\n" for chunk in chunks
+    ).encode()
+
+
+def end_event(conversation_id: UUID, outcome: Outcome) -> bytes:
+    """`event: done` for a completed answer, else `event: error` with the code and message."""
+    data: dict[str, object] = {
+        "id": str(conversation_id),
+        "status": outcome.status,
+        "chunks": outcome.chunks,
+    }
+    if outcome.status == "completed":
+        return f"event: done\ndata: {_json(data)}\n\n".encode()
+    data["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+    return f"event: error\ndata: {_json(data)}\n\n".encode()
+
+
+def ping_comment() -> bytes:
+    """The keep-alive comment line that proxies and browsers ignore."""
+    return b": ping\n\n"
+
+
+async def live_events(
+    conversation_id: UUID, subscriber: Subscriber, first: bytes = b""
+) -> AsyncIterator[bytes]:
+    """`first` (start event, replayed chunks), then the subscriber's chunks, then the end.
+
+    Each wake-up sends what arrived since the last one in a single write: under load
+    the batches the writer commits reach the socket as one piece, not one per chunk.
+    """
+    if first:
+        yield first
+    async for chunks, outcome in subscriber.updates():
+        data = chunk_events(chunks) if chunks else b""
+        if outcome is not None:
+            data += end_event(conversation_id, outcome)
+        if data:
+            yield data

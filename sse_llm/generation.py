@@ -1,0 +1,287 @@
+"""One generation's life: provider → writer → subscribers; cancel, timeouts, shutdown.
+
+A generation runs as its own task, owned by `Generations`, not inside an HTTP response:
+a client that disconnects only unsubscribes, and the answer is still completed and saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from sse_llm import store
+from sse_llm.config import Settings
+from sse_llm.providers import Provider, ProviderError
+from sse_llm.store import Chunk, Conversation
+from sse_llm.writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a generation ended; `chunks` is how many were persisted."""
+
+    status: str
+    chunks: int
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class Subscriber:
+    """One listener of a generation: it hears chunks once persisted, then the outcome."""
+
+    def __init__(self) -> None:
+        self._chunks: list[Chunk] = []
+        self._outcome: Outcome | None = None
+        self._wake = asyncio.Event()
+
+    def deliver(self, chunk: Chunk) -> None:
+        """Called by the generation for each persisted chunk, in order."""
+        self._chunks.append(chunk)
+        self._wake.set()
+
+    def finish(self, outcome: Outcome) -> None:
+        """Called once, after the last chunk."""
+        self._outcome = outcome
+        self._wake.set()
+
+    async def updates(self) -> AsyncIterator[tuple[list[Chunk], Outcome | None]]:
+        """Yield what arrived since the last wake-up, in batches, until the outcome."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            chunks, self._chunks = self._chunks, []
+            yield chunks, self._outcome
+            if self._outcome is not None:
+                return
+
+
+class Generation:
+    """Streams one answer from the provider through the writer to its subscribers."""
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        provider: Provider,
+        writer: ChunkWriter,
+        pool: AsyncConnectionPool,
+        settings: Settings,
+    ) -> None:
+        self.conversation = conversation
+        self.id: UUID = conversation.id
+        self.persisted = 0  # highest seq persisted and published
+        self.storage_failed = False
+        self.outcome: Outcome | None = None
+        self._provider = provider
+        self._writer = writer
+        self._pool = pool
+        self._settings = settings
+        self._subscribers: set[Subscriber] = set()
+        self._stop_reason: str | None = None  # why stop() was called, once it was
+        self._generating = False  # reading the provider: the only phase stop() may cancel
+        self._last_write: asyncio.Future[bool] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def subscribe(self) -> Subscriber:
+        """Listen from the next persisted chunk on (callers replay older ones from the database)."""
+        subscriber = Subscriber()
+        if self.outcome is not None:
+            subscriber.finish(self.outcome)
+        else:
+            self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stop telling this subscriber anything (its client went away)."""
+        self._subscribers.discard(subscriber)
+
+    def publish(self, chunk: Chunk) -> None:
+        """Called by the writer once the chunk is committed."""
+        self.persisted = chunk.seq
+        for subscriber in self._subscribers:
+            subscriber.deliver(chunk)
+
+    def fail_storage(self) -> None:
+        """Called by the writer when the database could not take this generation's chunks."""
+        self.storage_failed = True
+        self.stop("storage_unavailable")
+
+    def stop(self, reason: str) -> None:
+        """Stop generating: `cancelled` (asked by a user), `interrupted` (shutdown) or storage."""
+        # Only the provider loop is cancelled: once it is over, the last chunks and the end
+        # are being persisted, and interrupting that would lose them.
+        if self._stop_reason is not None or self.outcome is not None:
+            return
+        self._stop_reason = reason
+        if self._generating and self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        """Generate, wait for the last chunk to be persisted, record the end, tell everyone."""
+        started = time.monotonic()
+        produced = await self._generate()
+        if self._last_write is not None:
+            await self._last_write  # every chunk handed to the writer is settled after this
+        if self.storage_failed:
+            produced = self._stopped_outcome("storage_unavailable")
+        outcome = Outcome(
+            produced.status, self.persisted, produced.error_code, produced.error_message
+        )
+        if not self.storage_failed:
+            await self._record(outcome)
+        self.outcome = outcome
+        for subscriber in self._subscribers:
+            subscriber.finish(outcome)
+        self._subscribers.clear()
+        log.info(
+            "stream ended id=%s status=%s chunks=%d duration=%.3fs%s",
+            self.id,
+            outcome.status,
+            outcome.chunks,
+            time.monotonic() - started,
+            f" error={outcome.error_code}" if outcome.error_code else "",
+        )
+
+    async def _generate(self) -> Outcome:
+        """Read the provider under the SPEC 1 timeouts, handing each piece to the writer."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        total_deadline = loop.time() + settings.total_timeout
+        seq = 0
+        if self._stop_reason is not None:  # stopped before it started
+            return self._stopped_outcome(self._stop_reason)
+        self._generating = True
+        try:
+            async with aclosing(self._provider.stream(self.conversation.prompt)) as pieces:
+                # One timer, moved forward after each piece: cheaper than a timeout per chunk.
+                async with asyncio.timeout(None) as timer:
+                    waiting = settings.first_chunk_timeout
+                    timer.reschedule(min(loop.time() + waiting, total_deadline))
+                    async for text in pieces:
+                        if text:
+                            seq += 1
+                            chunk = Chunk(self.id, seq, text)
+                            self._last_write = self._writer.write(chunk, self)
+                        waiting = settings.chunk_timeout if seq else settings.first_chunk_timeout
+                        timer.reschedule(min(loop.time() + waiting, total_deadline))
+        except TimeoutError:
+            return self._timeout_outcome(seq, loop.time() >= total_deadline)
+        except ProviderError as exc:
+            return Outcome("failed", seq, exc.code, exc.message)
+        except Exception:
+            log.exception("generation %s failed unexpectedly", self.id)
+            message = "The generation failed unexpectedly; see the service log."
+            return Outcome("failed", seq, "internal_error", message)
+        except asyncio.CancelledError:
+            if self._stop_reason is None:
+                raise  # not ours: the event loop is going away
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return self._stopped_outcome(self._stop_reason)
+        finally:
+            self._generating = False
+        return Outcome("completed", seq)
+
+    def _timeout_outcome(self, seq: int, total: bool) -> Outcome:
+        if total:
+            limit = self._settings.total_timeout
+            message = f"The model did not finish within LLM_TOTAL_TIMEOUT ({limit:g} s)."
+        elif seq == 0:
+            limit = self._settings.first_chunk_timeout
+            message = f"The model sent nothing within LLM_FIRST_CHUNK_TIMEOUT ({limit:g} s)."
+        else:
+            limit = self._settings.chunk_timeout
+            message = f"The model went silent for LLM_CHUNK_TIMEOUT ({limit:g} s)."
+        return Outcome("failed", seq, "upstream_timeout", message)
+
+    def _stopped_outcome(self, reason: str) -> Outcome:
+        # `chunks` is filled in by run() from what was actually persisted.
+        if reason == "cancelled":
+            return Outcome("cancelled", 0, "cancelled", "The generation was cancelled.")
+        if reason == "storage_unavailable":
+            message = "The database could not store the answer; the stream was stopped."
+            return Outcome("failed", 0, "storage_unavailable", message)
+        message = "The service stopped while this answer was streaming."
+        return Outcome("interrupted", 0, "interrupted", message)
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Write the end into the conversation row, retrying while the database is away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.storage_timeout
+        delay = 0.05
+        while True:
+            try:
+                await store.finish_conversation(
+                    self._pool,
+                    self.id,
+                    status=outcome.status,
+                    error_code=outcome.error_code,
+                    error_message=outcome.error_message,
+                )
+                return
+            except Exception as exc:  # the database is away or the pool timed out
+                if loop.time() + delay > deadline:
+                    # The row stays `streaming`; the heartbeat's recovery marks it later.
+                    log.error("could not record the end of %s: %s", self.id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+class Generations:
+    """Owns every running generation of this process: starts, finds, stops them."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        writer: ChunkWriter,
+        pool: AsyncConnectionPool,
+        settings: Settings,
+    ) -> None:
+        self._provider = provider
+        self._writer = writer
+        self._pool = pool
+        self._settings = settings
+        self._running: dict[UUID, Generation] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def ids(self) -> list[UUID]:
+        """The conversations this process is generating right now."""
+        return list(self._running)
+
+    def start(self, conversation: Conversation) -> Generation:
+        """Start generating the answer to a new conversation."""
+        generation = Generation(
+            conversation, self._provider, self._writer, self._pool, self._settings
+        )
+        generation.task = asyncio.create_task(
+            generation.run(), name=f"generation-{conversation.id}"
+        )
+        self._running[conversation.id] = generation
+        generation.task.add_done_callback(lambda _: self._running.pop(conversation.id, None))
+        return generation
+
+    def get(self, conversation_id: UUID) -> Generation | None:
+        """The running generation of a conversation, if this process runs it."""
+        return self._running.get(conversation_id)
+
+    async def shutdown(self, grace: float) -> None:
+        """Let running generations finish for `grace` seconds, then interrupt the rest."""
+        tasks = [g.task for g in self._running.values() if g.task is not None]
+        if not tasks:
+            return
+        log.info("waiting up to %gs for %d running streams", grace, len(tasks))
+        if grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for generation in list(self._running.values()):
+            generation.stop("interrupted")
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,118 @@
+"""Any OpenAI-compatible Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM...)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from sse_llm.providers.base import UpstreamError, UpstreamUnavailable, clean_text
+
+DEFAULT_MODEL = "gpt-4o-mini"
+_MAX_ERROR_BODY = 4096
+
+
+class OpenAIProvider:
+    """Streams `POST {base_url}/chat/completions` with `"stream": true`.
+
+    Timeouts between chunks are the generation's job; this client only bounds connecting.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self, base_url: str, api_key: str | None, model: str | None, max_connections: int
+    ) -> None:
+        self.model = model or DEFAULT_MODEL
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        headers = {"Accept": "text/event-stream"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(None, connect=10.0),
+            # One connection per concurrent stream: a smaller pool would queue streams silently.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
+        )
+
+    async def stream(self, prompt: str) -> AsyncIterator[str]:
+        """Yield each `delta.content` of the upstream's SSE stream until `[DONE]`."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+        }
+        try:
+            async with self._client.stream("POST", self._url, json=body) as response:
+                if response.status_code != 200:
+                    raise UpstreamError(await _describe_failure(response))
+                async for piece in _read_pieces(response):
+                    yield piece
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
+            raise UpstreamUnavailable(
+                f"Cannot reach the model server: {type(exc).__name__}."
+            ) from exc
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise UpstreamError(
+                f"The connection to the model server broke off: {type(exc).__name__}."
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
+    finished = False
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # comments, event names, blank separators
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = _parse_event(data)
+        if "error" in event:
+            raise UpstreamError(f"The model server reported an error: {_error_text(event)}")
+        for choice in event.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                yield clean_text(content)
+            if choice.get("finish_reason"):
+                finished = True
+    if not finished:
+        raise UpstreamError("The model server ended the stream before the answer was complete.")
+
+
+def _parse_event(data: str) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise UpstreamError("The model server sent an event that is not JSON.") from None
+    if not isinstance(event, dict):
+        raise UpstreamError("The model server sent an event that is not a JSON object.")
+    return event
+
+
+async def _describe_failure(response: httpx.Response) -> str:
+    raw = b""
+    async for part in response.aiter_bytes():
+        raw += part
+        if len(raw) >= _MAX_ERROR_BODY:
+            break
+    try:
+        detail = _error_text(json.loads(raw))
+    except ValueError:
+        detail = raw[:200].decode("utf-8", "replace").strip() or response.reason_phrase
+    return f"The model server answered HTTP {response.status_code}: {detail}"
+
+
+def _error_text(body: object) -> str:
+    """OpenAI-style `{"error": {"message": ...}}`, or whatever text there is."""
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        return str(error)[:500]
+    return str(body)[:500]

@@ -1,0 +1,284 @@
+"""Every SQL statement the service runs, as named async functions returning dataclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+STATUSES = ("streaming", "completed", "failed", "cancelled", "interrupted")
+ENDED_STATUSES = frozenset(STATUSES) - {"streaming"}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of an answer, numbered from 1 within its conversation."""
+
+    conversation_id: UUID
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A prompt, the answer so far or in full, and how its generation went."""
+
+    id: UUID
+    prompt: str
+    response: str
+    status: str
+    created_at: datetime
+    first_chunk_at: datetime | None
+    completed_at: datetime | None
+    model: str
+    provider: str
+    chunks: int
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of conversations, newest first."""
+
+    items: list[Conversation]
+    has_more: bool
+
+
+# While a conversation streams, `response` is not written yet (it is filled once, at the
+# end); readers assemble what is persisted so far from its chunks instead.
+_CONVERSATION_COLUMNS = sql.SQL("""
+    c.id, c.prompt,
+    CASE WHEN c.status = 'streaming'
+        THEN coalesce((SELECT string_agg(k.text, '' ORDER BY k.seq)
+                       FROM chunks k WHERE k.conversation_id = c.id), '')
+        ELSE c.response END AS response,
+    c.status, c.created_at, c.first_chunk_at, c.completed_at, c.model, c.provider,
+    CASE WHEN c.status = 'streaming'
+        THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
+        ELSE c.chunk_count END AS chunks,
+    c.error_code, c.error_message
+""")
+
+
+async def create_conversation(
+    pool: AsyncConnectionPool,
+    *,
+    conversation_id: UUID,
+    prompt: str,
+    model: str,
+    provider: str,
+    owner_id: UUID,
+) -> Conversation:
+    """Insert a new conversation in status `streaming`, owned by this service instance."""
+    query = sql.SQL("""
+        INSERT INTO conversations AS c (id, prompt, model, provider, owner_id)
+        VALUES (%(id)s, %(prompt)s, %(model)s, %(provider)s, %(owner_id)s)
+        RETURNING {columns}
+    """).format(columns=_CONVERSATION_COLUMNS)
+    params = {
+        "id": conversation_id,
+        "prompt": prompt,
+        "model": model,
+        "provider": provider,
+        "owner_id": owner_id,
+    }
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Conversation))
+        await cursor.execute(query, params)
+        row = await cursor.fetchone()
+    assert row is not None
+    return row
+
+
+async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
+    """Append a batch of chunks in one statement (COPY: one round trip, one transaction)."""
+    async with conn.cursor() as cursor:
+        copy_sql = "COPY chunks (conversation_id, seq, text) FROM STDIN"
+        async with cursor.copy(copy_sql) as copy:
+            for chunk in chunks:
+                await copy.write_row((chunk.conversation_id, chunk.seq, chunk.text))
+
+
+async def finish_conversation(
+    pool: AsyncConnectionPool,
+    conversation_id: UUID,
+    *,
+    status: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """Record how a generation ended and assemble its response from its chunks, once.
+
+    Only a conversation still `streaming` changes, so a late writer never overwrites
+    an end that was already recorded. Returns whether this call recorded it.
+    """
+    query = """
+        UPDATE conversations AS c
+        SET status = %(status)s,
+            completed_at = now(),
+            error_code = %(error_code)s,
+            error_message = %(error_message)s,
+            response = coalesce(k.response, ''),
+            chunk_count = k.count,
+            first_chunk_at = k.first_at,
+            owner_id = NULL
+        FROM (SELECT string_agg(text, '' ORDER BY seq) AS response,
+                     count(*)::int AS count, min(created_at) AS first_at
+              FROM chunks WHERE conversation_id = %(id)s) AS k
+        WHERE c.id = %(id)s AND c.status = 'streaming'
+    """
+    params = {
+        "id": conversation_id,
+        "status": status,
+        "error_code": error_code,
+        "error_message": error_message,
+    }
+    async with pool.connection() as conn:
+        cursor = await conn.execute(query, params)
+        return cursor.rowcount == 1
+
+
+async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> Conversation | None:
+    """One conversation, with the response persisted so far if it is still streaming."""
+    query = sql.SQL("SELECT {columns} FROM conversations c WHERE c.id = %(id)s").format(
+        columns=_CONVERSATION_COLUMNS
+    )
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Conversation))
+        await cursor.execute(query, {"id": conversation_id})
+        return await cursor.fetchone()
+
+
+async def list_conversations(
+    pool: AsyncConnectionPool,
+    *,
+    limit: int,
+    offset: int,
+    query: str | None = None,
+    status: str | None = None,
+) -> HistoryPage:
+    """A page of conversations, newest first, optionally full-text searched and filtered.
+
+    `query` uses web search syntax (words, "phrases", -excluded, or).
+    """
+    conditions = [sql.SQL("TRUE")]
+    if query:
+        conditions.append(sql.SQL("c.search @@ websearch_to_tsquery('english', %(query)s)"))
+    if status:
+        conditions.append(sql.SQL("c.status = %(status)s"))
+    statement = sql.SQL("""
+        SELECT {columns} FROM conversations c
+        WHERE {conditions}
+        ORDER BY c.created_at DESC, c.id DESC
+        LIMIT %(limit)s OFFSET %(offset)s
+    """).format(columns=_CONVERSATION_COLUMNS, conditions=sql.SQL(" AND ").join(conditions))
+    # One extra row tells whether another page exists, without a count(*).
+    params = {"query": query, "status": status, "limit": limit + 1, "offset": offset}
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Conversation))
+        await cursor.execute(statement, params)
+        rows = await cursor.fetchall()
+    return HistoryPage(items=rows[:limit], has_more=len(rows) > limit)
+
+
+async def read_chunks(
+    pool: AsyncConnectionPool, conversation_id: UUID, after_seq: int = 0
+) -> list[Chunk]:
+    """The persisted chunks of a conversation after `after_seq`, in order."""
+    query = """
+        SELECT conversation_id, seq, text FROM chunks
+        WHERE conversation_id = %(id)s AND seq > %(after)s
+        ORDER BY seq
+    """
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Chunk))
+        await cursor.execute(query, {"id": conversation_id, "after": after_seq})
+        return await cursor.fetchall()
+
+
+async def register_instance(pool: AsyncConnectionPool, instance_id: UUID) -> None:
+    """Announce a running service process (its heartbeat starts now)."""
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO service_instances (id) VALUES (%s)", (instance_id,))
+
+
+async def beat_heart(pool: AsyncConnectionPool, instance_id: UUID) -> None:
+    """Tell other processes this one is alive (re-registering if its row was removed)."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            """
+            INSERT INTO service_instances (id) VALUES (%(id)s)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+            """,
+            {"id": instance_id},
+        )
+
+
+async def remove_instance(pool: AsyncConnectionPool, instance_id: UUID) -> None:
+    """Forget a process that is shutting down."""
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM service_instances WHERE id = %s", (instance_id,))
+
+
+async def interrupt_conversations(
+    pool: AsyncConnectionPool,
+    *,
+    expired_after_seconds: float | None = None,
+    owner_id: UUID | None = None,
+    except_ids: Sequence[UUID] = (),
+    created_before_seconds: float = 0,
+) -> list[UUID]:
+    """Mark `interrupted` the conversations nobody is generating any more.
+
+    Either those whose owner's heartbeat is older than `expired_after_seconds` (a process
+    that died), or those of `owner_id` not in `except_ids` (this process lost track of
+    them, or is shutting down); `created_before_seconds` spares rows so new that their
+    generation may not be registered yet. `response` is assembled from every persisted chunk.
+    """
+    if owner_id is not None:
+        orphaned = sql.SQL("""
+            c.owner_id = %(owner_id)s AND c.id <> ALL(%(except_ids)s)
+            AND c.created_at < now() - make_interval(secs => %(age)s)
+        """)
+    else:
+        orphaned = sql.SQL("""
+            NOT EXISTS (SELECT 1 FROM service_instances i
+                        WHERE i.id = c.owner_id
+                        AND i.heartbeat_at > now() - make_interval(secs => %(expiry)s))
+        """)
+    query = sql.SQL("""
+        UPDATE conversations AS c
+        SET status = 'interrupted',
+            completed_at = now(),
+            error_code = 'interrupted',
+            error_message = 'The service stopped while this answer was streaming.',
+            response = coalesce((SELECT string_agg(k.text, '' ORDER BY k.seq)
+                                 FROM chunks k WHERE k.conversation_id = c.id), ''),
+            chunk_count = (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id),
+            first_chunk_at = (SELECT min(k.created_at) FROM chunks k
+                              WHERE k.conversation_id = c.id),
+            owner_id = NULL
+        WHERE c.status = 'streaming' AND {orphaned}
+        RETURNING c.id
+    """).format(orphaned=orphaned)
+    params = {
+        "owner_id": owner_id,
+        "except_ids": list(except_ids),
+        "expiry": expired_after_seconds,
+        "age": created_before_seconds,
+    }
+    async with pool.connection() as conn:
+        cursor = await conn.execute(query, params)
+        return [row[0] for row in await cursor.fetchall()]
+
+
+async def ping_database(pool: AsyncConnectionPool) -> None:
+    """Raise if the database does not answer."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
