@@ -1,3 +1,2 @@
 DROP TABLE chunks;
 DROP TABLE conversations;
-DROP TABLE service_instances;

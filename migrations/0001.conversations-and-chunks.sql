@@ -1,15 +1,6 @@
 -- The service's whole history: one row per conversation, one row per streamed chunk.
 -- depends:
 
--- Each running process of the service registers here and refreshes heartbeat_at.
--- A conversation left 'streaming' by an instance whose heartbeat stopped belongs to a
--- process that died; the survivors mark it 'interrupted' (see store.recover_orphans).
-CREATE TABLE service_instances (
-    id uuid PRIMARY KEY,
-    started_at timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL DEFAULT now()
-);
-
 CREATE TABLE conversations (
     id uuid PRIMARY KEY,
     prompt text NOT NULL,
@@ -26,6 +17,7 @@ CREATE TABLE conversations (
     chunk_count integer NOT NULL DEFAULT 0,
     error_code text,
     error_message text,
+    -- The service instance generating it while `streaming` (see sse_llm/lease.py).
     owner_id uuid,
     -- Bounded inputs keep the tsvector under PostgreSQL's 1 MB limit for huge answers.
     search tsvector GENERATED ALWAYS AS (

@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from sse_llm import api
+from sse_llm import api, dashboard
+from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
@@ -34,6 +36,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     app = Starlette(
         routes=[
             *api.routes,
+            *dashboard.routes,
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
         ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -42,6 +45,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     app.state.settings = settings
     app.state.migrate = migrate
     app.state.shutting_down = False
+    app.state.exit_requested = False  # set by tests that stop a server without a signal
     return app
 
 
@@ -52,7 +56,7 @@ def create_app_from_environment() -> Starlette:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """Build the pool, provider, writer, generations and lease; tear them down in reverse."""
+    """Build the pool, provider, writer, generations, lease and broadcast; tear down in reverse."""
     settings: Settings = app.state.settings
     database_url = settings.database_url
     assert database_url is not None
@@ -63,21 +67,44 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     writer = ChunkWriter(database_url, settings.storage_timeout)
     writer.start()
     generations = Generations(provider, writer, pool, settings)
-    lease = InstanceLease(pool, generations.ids)
+    lease = InstanceLease(database_url, pool, generations.ids)
     await lease.start()
+    broadcast = Broadcast(database_url, on_cancel=generations.cancel)
+    broadcast.start()
     app.state.pool = pool
     app.state.provider = provider
     app.state.generations = generations
     app.state.lease = lease
+    app.state.broadcast = broadcast
+    drain = asyncio.create_task(_drain_on_exit(app), name="drain-on-exit")
     if not settings.api_key:
         log.warning("SSE_LLM_API_KEY is not set: anyone who can reach this service can use it")
     log.info("ready: provider=%s model=%s", provider.name, provider.model)
     try:
         yield
     finally:
-        app.state.shutting_down = True
-        await generations.shutdown(settings.shutdown_grace)
+        if app.state.shutting_down:
+            await drain  # started at the signal; it ends within the grace period
+        else:
+            drain.cancel()  # stopped without a signal (tests, embedding apps)
+            app.state.shutting_down = True
+            await generations.shutdown(settings.shutdown_grace)
         await writer.close()
         await lease.release()
+        await broadcast.close()
         await provider.aclose()
         await pool.close()
+
+
+async def _drain_on_exit(app: Starlette) -> None:
+    """On SIGTERM/SIGINT: refuse new streams, let running ones finish, interrupt the rest.
+
+    uvicorn runs the lifespan shutdown only once every connection has closed; open SSE
+    connections close when their generation ends, so the drain must start at the signal.
+    """
+    # uvicorn offers no shutdown hook before connections drain; sse-starlette's patch of
+    # its exit handler sets AppStatus.should_exit, so a cheap poll is the simplest signal.
+    while not (AppStatus.should_exit or app.state.exit_requested):  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    app.state.shutting_down = True
+    await app.state.generations.shutdown(app.state.settings.shutdown_grace)

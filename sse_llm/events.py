@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from uuid import UUID
 
-from sse_llm.generation import Outcome, Subscriber
+from sse_llm.generation import Outcome
 from sse_llm.store import Chunk, Conversation
 
 
@@ -51,16 +51,18 @@ def ping_comment() -> bytes:
 
 
 async def live_events(
-    conversation_id: UUID, subscriber: Subscriber, first: bytes = b""
+    conversation_id: UUID,
+    updates: AsyncIterator[tuple[list[Chunk], Outcome | None]],
+    first: bytes = b"",
 ) -> AsyncIterator[bytes]:
-    """`first` (start event, replayed chunks), then the subscriber's chunks, then the end.
+    """`first` (start event, replayed chunks), then the chunks as they come, then the end.
 
     Each wake-up sends what arrived since the last one in a single write: under load
     the batches the writer commits reach the socket as one piece, not one per chunk.
     """
     if first:
         yield first
-    async for chunks, outcome in subscriber.updates():
+    async for chunks, outcome in updates:
         data = chunk_events(chunks) if chunks else b""
         if outcome is not None:
             data += end_event(conversation_id, outcome)

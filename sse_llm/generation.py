@@ -274,6 +274,12 @@ class Generations:
         """The running generation of a conversation, if this process runs it."""
         return self._running.get(conversation_id)
 
+    def cancel(self, conversation_id: UUID) -> None:
+        """Cancel a generation if this process runs it (else nothing to do here)."""
+        generation = self._running.get(conversation_id)
+        if generation is not None:
+            generation.stop("cancelled")
+
     async def shutdown(self, grace: float) -> None:
         """Let running generations finish for `grace` seconds, then interrupt the rest."""
         tasks = [g.task for g in self._running.values() if g.task is not None]

@@ -1,9 +1,12 @@
-"""This process's lease on its streams: a heartbeat, and recovery of dead processes' streams.
+"""This process's claim on its streams, and recovery of the streams of dead processes.
 
-Every process registers an instance id and refreshes its heartbeat. A conversation left
-`streaming` by an instance whose heartbeat stopped (the process crashed or was killed)
-is marked `interrupted` by whichever process notices first, keeping every persisted chunk.
-A live process's streams are never touched, so replicas can share one database.
+Each process holds a PostgreSQL advisory lock named after its instance id for as long
+as it lives, on a connection of its own. When a process dies, even by `kill -9`, its
+connection closes and the database releases the lock at once. A conversation still
+`streaming` whose owner's lock is free therefore belongs to a dead process: it is marked
+`interrupted`, keeping every persisted chunk, at startup and then every few seconds by
+whichever process looks first. A live process's streams are never touched, so replicas
+can share one database.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from collections.abc import Callable
 from uuid import UUID, uuid4
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
@@ -21,47 +25,60 @@ log = logging.getLogger(__name__)
 
 
 class InstanceLease:
-    """Registers this process, keeps its heartbeat, and recovers orphaned streams."""
+    """Holds the instance lock and recovers orphaned streams periodically."""
 
     def __init__(
         self,
+        database_url: str,
         pool: AsyncConnectionPool,
         running_ids: Callable[[], list[UUID]],
-        heartbeat_interval: float = 5.0,
-        expiry: float = 20.0,
+        interval: float = 5.0,
     ) -> None:
         self.instance_id = uuid4()
+        self._database_url = database_url
         self._pool = pool
         self._running_ids = running_ids
-        self._interval = heartbeat_interval
-        self._expiry = expiry
+        self._interval = interval
+        self._connection: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Register, recover what dead processes left, and start the heartbeat."""
-        await store.register_instance(self._pool, self.instance_id)
+        """Take the instance lock, recover what dead processes left, start checking."""
+        await self._lock()
         await self._recover()
-        self._task = asyncio.create_task(self._beat(), name="instance-heartbeat")
+        self._task = asyncio.create_task(self._watch(), name="instance-lease")
 
     async def release(self) -> None:
-        """Stop the heartbeat; mark what this process still owns `interrupted`; unregister."""
+        """Mark what this process still owns `interrupted`, then let go of the lock."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             await store.interrupt_conversations(self._pool, owner_id=self.instance_id)
-            await store.remove_instance(self._pool, self.instance_id)
-        except Exception as exc:  # the database is gone; other processes will recover them
-            log.warning("could not release instance %s: %s", self.instance_id, exc)
+        except Exception as exc:  # the database is away: others recover them later
+            log.warning("could not mark this process's streams interrupted: %s", exc)
+        if self._connection is not None:
+            await self._connection.close()
 
-    async def _beat(self) -> None:
+    async def _lock(self) -> None:
+        while True:
+            self._connection = await psycopg.AsyncConnection.connect(
+                self._database_url, autocommit=True, connect_timeout=5
+            )
+            if await store.lock_instance(self._connection, self.instance_id):
+                return
+            # A 32-bit hash clash with a live instance: pick another id.
+            await self._connection.close()
+            self.instance_id = uuid4()
+
+    async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await store.beat_heart(self._pool, self.instance_id)
+                await self._keep_lock()
                 await self._recover()
                 # A stream this process owns but no longer runs (its end could not be
-                # recorded during an outage) is settled here once the database is back.
+                # recorded during a database outage) is settled once the database is back.
                 await store.interrupt_conversations(
                     self._pool,
                     owner_id=self.instance_id,
@@ -69,11 +86,25 @@ class InstanceLease:
                     created_before_seconds=60,
                 )
             except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("lease check failed: %s", exc)
+
+    async def _keep_lock(self) -> None:
+        """Re-take the lock if its connection was lost (the database restarted)."""
+        assert self._connection is not None
+        try:
+            await self._connection.execute("SELECT 1")
+        except psycopg.Error:
+            await self._connection.close()
+            if not await self._relock():
+                raise RuntimeError("could not re-take the instance lock") from None
+
+    async def _relock(self) -> bool:
+        self._connection = await psycopg.AsyncConnection.connect(
+            self._database_url, autocommit=True, connect_timeout=5
+        )
+        return await store.lock_instance(self._connection, self.instance_id)
 
     async def _recover(self) -> None:
-        recovered = await store.interrupt_conversations(
-            self._pool, expired_after_seconds=self._expiry
-        )
+        recovered = await store.interrupt_conversations(self._pool)
         if recovered:
-            log.info("marked %d conversations of stopped processes interrupted", len(recovered))
+            log.info("marked %d streams of stopped processes interrupted", len(recovered))

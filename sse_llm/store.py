@@ -11,6 +11,9 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
+# The advisory-lock key space of instance locks (any constant unlikely to clash).
+INSTANCE_LOCK_NAMESPACE = 0x55E11
+
 STATUSES = ("streaming", "completed", "failed", "cancelled", "interrupted")
 ENDED_STATUSES = frozenset(STATUSES) - {"streaming"}
 
@@ -37,6 +40,16 @@ class Conversation:
     completed_at: datetime | None
     model: str
     provider: str
+    chunks: int
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """A conversation's progress: its status, persisted chunk count and error."""
+
+    status: str
     chunks: int
     error_code: str | None
     error_message: str | None
@@ -97,12 +110,29 @@ async def create_conversation(
 
 
 async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
-    """Append a batch of chunks in one statement (COPY: one round trip, one transaction)."""
-    async with conn.cursor() as cursor:
-        copy_sql = "COPY chunks (conversation_id, seq, text) FROM STDIN"
-        async with cursor.copy(copy_sql) as copy:
-            for chunk in chunks:
-                await copy.write_row((chunk.conversation_id, chunk.seq, chunk.text))
+    """Append a batch of chunks and tell other processes which conversations grew.
+
+    One statement, so one round trip and one transaction per batch however many
+    streams it holds; the notification is sent only if the rows are committed.
+    """
+    ids = list(dict.fromkeys(str(chunk.conversation_id) for chunk in chunks))
+    # A NOTIFY payload holds under 8000 bytes: about 200 ids each.
+    payloads = [",".join(ids[i : i + 200]) for i in range(0, len(ids), 200)]
+    await conn.execute(
+        """
+        WITH inserted AS (
+            INSERT INTO chunks (conversation_id, seq, text)
+            SELECT * FROM unnest(%(ids)s::uuid[], %(seqs)s::int[], %(texts)s::text[])
+        )
+        SELECT pg_notify('sse_llm_chunks', payload) FROM unnest(%(payloads)s::text[]) AS payload
+        """,
+        {
+            "ids": [chunk.conversation_id for chunk in chunks],
+            "seqs": [chunk.seq for chunk in chunks],
+            "texts": [chunk.text for chunk in chunks],
+            "payloads": payloads,
+        },
+    )
 
 
 async def finish_conversation(
@@ -132,6 +162,7 @@ async def finish_conversation(
                      count(*)::int AS count, min(created_at) AS first_at
               FROM chunks WHERE conversation_id = %(id)s) AS k
         WHERE c.id = %(id)s AND c.status = 'streaming'
+        RETURNING pg_notify('sse_llm_chunks', c.id::text)
     """
     params = {
         "id": conversation_id,
@@ -202,42 +233,27 @@ async def read_chunks(
         return await cursor.fetchall()
 
 
-async def register_instance(pool: AsyncConnectionPool, instance_id: UUID) -> None:
-    """Announce a running service process (its heartbeat starts now)."""
-    async with pool.connection() as conn:
-        await conn.execute("INSERT INTO service_instances (id) VALUES (%s)", (instance_id,))
-
-
-async def beat_heart(pool: AsyncConnectionPool, instance_id: UUID) -> None:
-    """Tell other processes this one is alive (re-registering if its row was removed)."""
-    async with pool.connection() as conn:
-        await conn.execute(
-            """
-            INSERT INTO service_instances (id) VALUES (%(id)s)
-            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
-            """,
-            {"id": instance_id},
-        )
-
-
-async def remove_instance(pool: AsyncConnectionPool, instance_id: UUID) -> None:
-    """Forget a process that is shutting down."""
-    async with pool.connection() as conn:
-        await conn.execute("DELETE FROM service_instances WHERE id = %s", (instance_id,))
+async def lock_instance(conn: AsyncConnection, instance_id: UUID) -> bool:
+    """Take this process's instance lock on `conn`, held as long as the session lives."""
+    cursor = await conn.execute(
+        "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))",
+        (INSTANCE_LOCK_NAMESPACE, instance_id),
+    )
+    row = await cursor.fetchone()
+    return bool(row and row[0])
 
 
 async def interrupt_conversations(
     pool: AsyncConnectionPool,
     *,
-    expired_after_seconds: float | None = None,
     owner_id: UUID | None = None,
     except_ids: Sequence[UUID] = (),
     created_before_seconds: float = 0,
 ) -> list[UUID]:
     """Mark `interrupted` the conversations nobody is generating any more.
 
-    Either those whose owner's heartbeat is older than `expired_after_seconds` (a process
-    that died), or those of `owner_id` not in `except_ids` (this process lost track of
+    Either those whose owner no longer holds its instance lock (the process died: see
+    lease.py), or those of `owner_id` not in `except_ids` (this process lost track of
     them, or is shutting down); `created_before_seconds` spares rows so new that their
     generation may not be registered yet. `response` is assembled from every persisted chunk.
     """
@@ -247,11 +263,9 @@ async def interrupt_conversations(
             AND c.created_at < now() - make_interval(secs => %(age)s)
         """)
     else:
-        orphaned = sql.SQL("""
-            NOT EXISTS (SELECT 1 FROM service_instances i
-                        WHERE i.id = c.owner_id
-                        AND i.heartbeat_at > now() - make_interval(secs => %(expiry)s))
-        """)
+        # Taking the owner's lock succeeds only if no session holds it; the
+        # transaction-scoped lock is released as soon as this statement ends.
+        orphaned = sql.SQL("pg_try_advisory_xact_lock(%(namespace)s, hashtext(c.owner_id::text))")
     query = sql.SQL("""
         UPDATE conversations AS c
         SET status = 'interrupted',
@@ -265,17 +279,39 @@ async def interrupt_conversations(
                               WHERE k.conversation_id = c.id),
             owner_id = NULL
         WHERE c.status = 'streaming' AND {orphaned}
-        RETURNING c.id
+        RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
     """).format(orphaned=orphaned)
     params = {
         "owner_id": owner_id,
         "except_ids": list(except_ids),
-        "expiry": expired_after_seconds,
+        "namespace": INSTANCE_LOCK_NAMESPACE,
         "age": created_before_seconds,
     }
     async with pool.connection() as conn:
         cursor = await conn.execute(query, params)
         return [row[0] for row in await cursor.fetchall()]
+
+
+async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Status | None:
+    """How far a conversation got, without its text."""
+    query = """
+        SELECT c.status,
+               CASE WHEN c.status = 'streaming'
+                   THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
+                   ELSE c.chunk_count END AS chunks,
+               c.error_code, c.error_message
+        FROM conversations c WHERE c.id = %(id)s
+    """
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Status))
+        await cursor.execute(query, {"id": conversation_id})
+        return await cursor.fetchone()
+
+
+async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> None:
+    """Ask whichever process generates this conversation to stop it."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pg_notify('sse_llm_cancel', %s)", (str(conversation_id),))
 
 
 async def ping_database(pool: AsyncConnectionPool) -> None:

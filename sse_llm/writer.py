@@ -1,7 +1,7 @@
 """The chunk writer: every stream of this process persists through it, in batches.
 
 Group commit: while one batch is being written, the chunks that arrive wait together
-and go in the next single COPY. A lone stream gets its chunk written at once (the batch
+and go in the next single INSERT. A lone stream gets its chunk written at once (the batch
 holds one chunk); a thousand streams cost one transaction per batch, not per chunk.
 Only once a batch is committed are its chunks handed to their generations, which pass
 them on to subscribers: no client ever sees a chunk that is not on disk.
@@ -103,7 +103,7 @@ class ChunkWriter:
             owner.publish(chunk)
 
     async def _persist(self, chunks: list[Chunk]) -> None:
-        """COPY the chunks; on a connection problem reconnect and retry with backoff."""
+        """Insert the chunks; on a connection problem reconnect and retry with backoff."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._storage_timeout
         delay = 0.05

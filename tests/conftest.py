@@ -1,0 +1,156 @@
+"""Shared fixtures: a real PostgreSQL, a fake upstream on a real socket, real servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import uvicorn
+from psycopg import sql
+
+from sse_llm.app import create_app
+from sse_llm.config import Settings
+from sse_llm.database import EmbeddedPostgres, apply_migrations
+
+if TYPE_CHECKING:
+    from tests.fake_upstream import FakeUpstream
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh, migrated database for this test session.
+
+    On the server `TEST_DATABASE_URL` names, or else on an embedded PostgreSQL in a
+    temporary folder. Dropped at the end.
+    """
+    with tempfile.TemporaryDirectory(prefix="sse-llm-test-") as folder:
+        server_url = os.environ.get("TEST_DATABASE_URL")
+        embedded = None
+        if not server_url:
+            embedded = EmbeddedPostgres(Path(folder)).start()
+            server_url = embedded.url
+        name = f"sse_llm_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = with_database(server_url, name)
+        apply_migrations(url)
+        try:
+            yield url
+        finally:
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            if embedded is not None:
+                embedded.stop()
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    """A fake OpenAI-compatible server on a real socket, shared by the session."""
+    from tests.fake_upstream import FakeUpstream
+
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@dataclass
+class RunningServer:
+    """An sse-llm app served by uvicorn on a free port, in a thread of this process."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+    settings: Settings
+
+    def stop(self) -> None:
+        """Shut down as on SIGTERM (lifespan shutdown included) and wait for it."""
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+def start_server(settings: Settings) -> RunningServer:
+    """Serve `create_app(settings)` on a free port; return once it accepts requests."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings.with_changes(port=port)),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    return RunningServer(f"http://127.0.0.1:{port}", server, thread, settings)
+
+
+@pytest.fixture(scope="session")
+def base_settings(database_url: str) -> Settings:
+    """Settings for test servers: the test database, a quick demo provider."""
+    return Settings(
+        database_url=database_url,
+        provider="demo",
+        demo_tokens=12,
+        demo_tokens_per_second=200,
+        shutdown_grace=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_server(base_settings: Settings) -> Iterator[RunningServer]:
+    """A server on the demo provider, shared by the session."""
+    running = start_server(base_settings)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_server(base_settings: Settings, upstream: FakeUpstream) -> Iterator[RunningServer]:
+    """A server on the openai provider pointed at the fake upstream, with short timeouts."""
+    settings = base_settings.with_changes(
+        provider="openai",
+        openai_base_url=upstream.base_url,
+        openai_api_key="test-upstream-key",
+        model="fake-model",
+        first_chunk_timeout=1.0,
+        chunk_timeout=1.0,
+        total_timeout=20.0,
+    )
+    running = start_server(settings)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    """A plain connection to look at what the service stored."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
