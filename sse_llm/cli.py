@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ import uvicorn
 
 from sse_llm.config import ConfigError, Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.logs import logging_config
 
 log = logging.getLogger("sse_llm")
 
@@ -72,7 +74,7 @@ def serve(settings: Settings, workers: int) -> None:
         "port": settings.port,
         # Ends streams still open once the shutdown grace is over (the app marks them).
         "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,
-        "log_config": None,  # keep the logging configured above
+        "log_config": logging_config(),  # each worker process configures its own
     }
     if workers > 1:
         os.environ["DATABASE_URL"] = settings.database_url or ""

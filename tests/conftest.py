@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostgreSQL, a fake upstream on a real socket, real servers on free ports."""
+"""Shared fixtures: real PostgreSQL, a fake upstream on a real socket, servers on free ports."""
 
 from __future__ import annotations
 

@@ -1,0 +1,195 @@
+"""Streams across real processes: replicas, cross-process cancel, kill -9, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import RunningServer
+from tests.processes import ServerProcess, spawn_server
+from tests.sse_client import Event, chunk_text, iter_events
+
+
+@pytest.fixture
+def process_a(database_url: str) -> Iterator[ServerProcess]:
+    """A separate `sse-llm serve` process on the same database, 40 slow tokens."""
+    server = spawn_server(database_url, DEMO_TOKENS="40", DEMO_TOKENS_PER_SECOND="20")
+    yield server
+    server.stop()
+
+
+class BackgroundStream:
+    """POST /stream read to the end by a thread, so the test can act meanwhile."""
+
+    def __init__(self, url: str, prompt: str) -> None:
+        self.events: list[Event] = []
+        self.conversation_id = ""
+        self._started = threading.Event()
+        self.chunks_seen = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._run, args=(url, prompt), daemon=True)
+        self._thread.start()
+        assert self._started.wait(10), "the stream did not start"
+
+    def _run(self, url: str, prompt: str) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/stream", json={"prompt": prompt}, timeout=60) as r:
+                self.conversation_id = r.headers["x-conversation-id"]
+                self._started.set()
+                for event in iter_events(r):
+                    self.events.append(event)
+                    if event.event == "message":
+                        self.chunks_seen.release()
+        except httpx.HTTPError:
+            pass  # the server died: keep what arrived
+
+    def wait_chunks(self, count: int) -> None:
+        for _ in range(count):
+            assert self.chunks_seen.acquire(timeout=10), "chunks stopped arriving"
+
+    def join(self) -> list[Event]:
+        self._thread.join(timeout=60)
+        return self.events
+
+
+def stored(database_url: str, conversation_id: str) -> tuple[str, str, int]:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status, response, chunk_count FROM conversations WHERE id = %s",
+            (conversation_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def wait_status(database_url: str, conversation_id: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = stored(database_url, conversation_id)[0]
+        if status != "streaming" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_client_on_another_process_follows_the_generation_live(
+    process_a: ServerProcess, demo_server: RunningServer, database_url: str
+) -> None:
+    stream = BackgroundStream(process_a.url, "followed from elsewhere")
+    stream.wait_chunks(2)
+    status_at_first_live_chunk = None
+    followed: list[Event] = []
+    url = f"{demo_server.url}/conversations/{stream.conversation_id}/stream"
+    with httpx.stream("GET", url, headers={"Last-Event-ID": "2"}, timeout=30) as response:
+        for event in iter_events(response):
+            followed.append(event)
+            if status_at_first_live_chunk is None:
+                status_at_first_live_chunk = stored(database_url, stream.conversation_id)[0]
+    original = stream.join()
+    assert status_at_first_live_chunk == "streaming"  # it was live, not a replay
+    assert followed[-1].event == "done"
+    assert [e.id for e in followed if e.event == "message"] == [str(n) for n in range(3, 41)]
+    assert chunk_text(followed) == chunk_text(original[3:])
+    assert stored(database_url, stream.conversation_id)[1] == chunk_text(original)
+
+
+def test_cancel_through_another_process(
+    process_a: ServerProcess, demo_server: RunningServer, database_url: str
+) -> None:
+    stream = BackgroundStream(process_a.url, "cancel from elsewhere")
+    stream.wait_chunks(3)
+    reply = httpx.post(f"{demo_server.url}/conversations/{stream.conversation_id}/cancel")
+    assert reply.status_code == 202
+    events = stream.join()
+    assert events[-1].event == "error"
+    assert events[-1].json["error"]["code"] == "cancelled"
+    status, response, chunks = stored(database_url, stream.conversation_id)
+    assert status == "cancelled"
+    assert response == chunk_text(events)
+    assert 3 <= chunks < 40
+
+
+def test_kill_9_mid_stream_then_restart_keeps_every_chunk_sent(database_url: str) -> None:
+    server = spawn_server(database_url, DEMO_TOKENS="200", DEMO_TOKENS_PER_SECOND="20")
+    try:
+        stream = BackgroundStream(server.url, "crash while streaming")
+        stream.wait_chunks(5)
+        server.signal(signal.SIGKILL)
+        server.wait(10)
+        received = chunk_text(stream.join())
+    finally:
+        server.stop()
+    assert stored(database_url, stream.conversation_id)[0] == "streaming"
+    restarted = spawn_server(database_url)
+    try:
+        status = wait_status(database_url, stream.conversation_id, timeout=15)
+    finally:
+        restarted.stop()
+    assert status == "interrupted"
+    _, response, chunks = stored(database_url, stream.conversation_id)
+    assert response.startswith(received)  # every chunk its client received is there
+    assert chunks >= 5
+
+
+def test_sigterm_lets_short_streams_finish(database_url: str) -> None:
+    server = spawn_server(
+        database_url, DEMO_TOKENS="30", DEMO_TOKENS_PER_SECOND="20", SSE_LLM_SHUTDOWN_GRACE="10"
+    )
+    try:
+        stream = BackgroundStream(server.url, "finish before you go")
+        stream.wait_chunks(2)
+        server.signal(signal.SIGTERM)
+        events = stream.join()
+        assert server.wait(30) == 0
+    finally:
+        server.stop()
+    assert events[-1].event == "done"
+    assert [e.id for e in events if e.event == "message"] == [str(n) for n in range(1, 31)]
+    assert stored(database_url, stream.conversation_id)[0] == "completed"
+
+
+def test_sigterm_interrupts_streams_past_the_grace_period(database_url: str) -> None:
+    server = spawn_server(
+        database_url, DEMO_TOKENS="400", DEMO_TOKENS_PER_SECOND="20", SSE_LLM_SHUTDOWN_GRACE="1"
+    )
+    try:
+        stream = BackgroundStream(server.url, "too long to wait for")
+        stream.wait_chunks(2)
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        events = stream.join()
+        assert server.wait(30) == 0
+        took = time.monotonic() - signalled
+    finally:
+        server.stop()
+    assert took < 8
+    assert events[-1].event == "error"
+    assert events[-1].json["status"] == "interrupted"
+    status, response, chunks = stored(database_url, stream.conversation_id)
+    assert status == "interrupted"
+    assert response == chunk_text(events)
+    assert chunks == events[-1].json["chunks"]
+
+
+def test_two_workers_serve_streams(database_url: str) -> None:
+    server = spawn_server(
+        database_url, "--workers", "2", DEMO_TOKENS="10", DEMO_TOKENS_PER_SECOND="100"
+    )
+    try:
+        for n in range(6):
+            with httpx.stream(
+                "POST", f"{server.url}/stream", json={"prompt": f"worker {n}"}
+            ) as response:
+                events = list(iter_events(response))
+            assert events[-1].event == "done"
+            conversation_id = response.headers["x-conversation-id"]
+            replay = httpx.get(f"{server.url}/conversations/{conversation_id}/stream")
+            assert replay.status_code == 200
+            assert chunk_text(list(iter_events(replay))) == chunk_text(events)
+    finally:
+        server.stop()
+    assert server.log().count("Started server process") == 2
