@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -221,7 +222,8 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """GET /readyz: 200 when the database answers, else 503."""
     try:
-        await store.ping_database(request.app.state.pool)
+        async with asyncio.timeout(2):  # a probe wants an answer, not a wait
+            await store.ping_database(request.app.state.pool)
     except Exception:
         raise ApiError(503, "database_unavailable", "The database does not answer.") from None
     return JSONResponse({"status": "ready"})
