@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -114,9 +115,12 @@ def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: 
     if raw is None or raw.strip() == "":
         return default
     try:
-        return kind(raw.strip())
+        value = kind(raw.strip())
     except ValueError:
         raise ConfigError(f"{name} must be {_describe(kind)}, not {raw!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {raw!r}")
+    return value
 
 
 def _describe(kind: Callable[..., object]) -> str:
