@@ -71,6 +71,8 @@ def sse_response(
         ping=settings.ping_interval,
         ping_message_factory=lambda: ServerSentEvent(comment="ping"),
         sep="\n",
+        # A client that stops reading is dropped instead of holding its stream forever.
+        send_timeout=60,
         # A graceful shutdown ends each stream with its generation (see app._drain_on_exit);
         # this is only a backstop should one hang.
         shutdown_grace_period=settings.shutdown_grace + 5,

@@ -193,3 +193,43 @@ def test_two_workers_serve_streams(database_url: str) -> None:
     finally:
         server.stop()
     assert server.log().count("Started server process") == 2
+
+
+def test_a_starting_process_leaves_live_streams_alone(
+    process_a: ServerProcess, database_url: str
+) -> None:
+    stream = BackgroundStream(process_a.url, "do not touch")
+    stream.wait_chunks(2)
+    newcomer = spawn_server(database_url)  # runs its startup recovery now
+    try:
+        assert stored(database_url, stream.conversation_id)[0] == "streaming"
+        events = stream.join()
+    finally:
+        newcomer.stop()
+    assert events[-1].event == "done"
+    assert stored(database_url, stream.conversation_id)[0] == "completed"
+
+
+def test_follower_survives_its_listening_connection_dropping(
+    process_a: ServerProcess, demo_server: RunningServer, database_url: str
+) -> None:
+    stream = BackgroundStream(process_a.url, "listener drops")
+    stream.wait_chunks(1)
+    followed: list[Event] = []
+    url = f"{demo_server.url}/conversations/{stream.conversation_id}/stream"
+    with httpx.stream("GET", url, timeout=30) as response:
+        for event in iter_events(response):
+            followed.append(event)
+            if event.id == "5":
+                # Cut every LISTEN connection: notifications are lost until they reconnect.
+                with psycopg.connect(database_url, autocommit=True) as conn:
+                    cut = conn.execute(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                        " FROM pg_stat_activity"
+                        " WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+                    ).fetchone()
+                assert cut is not None and cut[0] >= 2  # process A's and this one's
+    original = stream.join()
+    assert followed[-1].event == "done"
+    assert [e.id for e in followed if e.event == "message"] == [str(n) for n in range(1, 41)]
+    assert chunk_text(followed) == chunk_text(original)
