@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -19,6 +20,7 @@ from sse_llm.broadcast import follow_remote, outcome_of
 from sse_llm.errors import ApiError
 from sse_llm.events import chunk_events, live_events, start_event
 from sse_llm.generation import Generation, Outcome
+from sse_llm.limits import client_key
 from sse_llm.store import STATUSES, Chunk, Conversation
 
 # Sent first on attach: how long EventSource waits before reconnecting (ms).
@@ -36,6 +38,12 @@ async def stream(request: Request) -> Response:
     prompt = validate_prompt(body, state.settings.max_prompt_chars)
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "The service is shutting down. Try another replica.")
+    if state.rate_limiter is not None:
+        wait = state.rate_limiter.acquire(client_key(request))
+        if wait is not None:
+            retry_after = str(max(1, math.ceil(wait)))
+            message = f"Too many streams started. Try again in {retry_after} s."
+            raise ApiError(429, "rate_limited", message, {"Retry-After": retry_after})
     if len(state.generations) >= state.settings.max_streams:
         message = "Too many streams are running. Try again shortly."
         raise ApiError(503, "too_many_streams", message, {"Retry-After": "1"})
@@ -48,7 +56,9 @@ async def stream(request: Request) -> Response:
         provider=state.provider.name,
         owner_id=state.lease.instance_id,
     )
-    generation: Generation = state.generations.start(conversation)
+    generation: Generation = state.generations.start(
+        conversation, request.scope.get("state", {}).get("request_id")
+    )
     subscriber = generation.subscribe()  # before any await: no chunk can be missed
     events = live_events(conversation.id, subscriber.updates(), start_event(conversation))
     return sse_response(

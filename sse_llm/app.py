@@ -9,17 +9,23 @@ from contextlib import asynccontextmanager
 
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.middleware import Middleware
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sse_llm import api, dashboard
+from sse_llm import access, api, dashboard
+from sse_llm.access import AccessControl
 from sse_llm.broadcast import Broadcast
-from sse_llm.config import ConfigError, Settings
+from sse_llm.config import ConfigError, Settings, parse_rate
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
 from sse_llm.generation import Generations
 from sse_llm.lease import InstanceLease
+from sse_llm.limits import RateLimiter
+from sse_llm.metrics import Metrics, metrics_endpoint
+from sse_llm.openapi import openapi_endpoint
 from sse_llm.providers import create_provider
+from sse_llm.request_log import RequestLog
 from sse_llm.resources import resource_dir
 from sse_llm.writer import ChunkWriter
 
@@ -33,16 +39,29 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     """
     if not settings.database_url:
         raise ConfigError("create_app needs settings.database_url (sse-llm serve sets it)")
+    metrics = Metrics()
     app = Starlette(
         routes=[
             *api.routes,
             *dashboard.routes,
+            *access.routes,
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
+        ],
+        middleware=[
+            # Outermost first: every request is logged and counted, refused ones included.
+            Middleware(RequestLog, metrics=metrics),
+            Middleware(AccessControl, api_key=settings.api_key),
         ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.rate_limiter = (
+        RateLimiter(*parse_rate(settings.rate_limit)) if settings.rate_limit else None
+    )
     app.state.migrate = migrate
     app.state.shutting_down = False
     app.state.exit_requested = False  # set by tests that stop a server without a signal
@@ -64,9 +83,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(apply_migrations, database_url)
     pool = await open_pool(database_url)
     provider = create_provider(settings)
-    writer = ChunkWriter(database_url, settings.storage_timeout)
+    metrics = app.state.metrics
+    writer = ChunkWriter(database_url, settings.storage_timeout, metrics)
     writer.start()
-    generations = Generations(provider, writer, pool, settings)
+    generations = Generations(provider, writer, pool, settings, metrics)
     lease = InstanceLease(database_url, pool, generations.ids)
     await lease.start()
     broadcast = Broadcast(database_url, on_cancel=generations.cancel)

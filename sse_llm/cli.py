@@ -8,6 +8,7 @@ import logging.config
 import os
 import signal
 import sys
+import tempfile
 from contextlib import ExitStack
 from types import FrameType
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sse-llm: configuration error: {exc}", file=sys.stderr)
         return 2
+    logging.config.dictConfig(logging_config(settings.log_format))
     # uvicorn re-raises the signal that stopped it once it has shut down; as an exception
     # it unwinds through the ExitStack, which stops the embedded PostgreSQL cleanly.
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -74,10 +76,13 @@ def serve(settings: Settings, workers: int) -> None:
         "port": settings.port,
         # Ends streams still open once the shutdown grace is over (the app marks them).
         "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,
-        "log_config": logging_config(),  # each worker process configures its own
+        "log_config": logging_config(settings.log_format),  # each worker configures its own
+        "access_log": False,  # sse_llm.requests logs each request, with its request id
     }
     if workers > 1:
         os.environ["DATABASE_URL"] = settings.database_url or ""
+        # Workers share their metrics through files here (see metrics.py).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sse-llm-metrics-")
         uvicorn.run(
             "sse_llm.app:create_app_from_environment", factory=True, workers=workers, **options
         )

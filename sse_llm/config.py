@@ -41,6 +41,8 @@ class Settings:
     storage_timeout: float = 10.0
     shutdown_grace: float = 30.0
     max_streams: int = 1000
+    rate_limit: str | None = None  # "60/minute": POST /stream per client
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +68,8 @@ class Settings:
             storage_timeout=_read(env, "SSE_LLM_STORAGE_TIMEOUT", float, 10.0),
             shutdown_grace=_read(env, "SSE_LLM_SHUTDOWN_GRACE", float, 30.0),
             max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
+            rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
+            log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
         )
         settings.validate()
         return settings
@@ -106,8 +110,27 @@ class Settings:
         for name, value in not_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must be 0 or more, not {value}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"SSE_LLM_LOG_FORMAT must be text or json, not {self.log_format!r}")
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
         if not 0 < self.port < 65536:
             raise ConfigError(f"SSE_LLM_PORT must be between 1 and 65535, not {self.port}")
+
+
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """`"60/minute"` → (60, 60.0): that many requests per that many seconds."""
+    count, _, period = text.strip().lower().partition("/")
+    seconds = _PERIODS.get(period.strip().removesuffix("s"))
+    if not count.strip().isdigit() or int(count) <= 0 or seconds is None:
+        raise ConfigError(
+            f"SSE_LLM_RATE_LIMIT must look like 60/minute (per second, minute, hour or day), "
+            f"not {text!r}"
+        )
+    return int(count), float(seconds)
 
 
 def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: T) -> T:

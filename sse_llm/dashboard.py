@@ -1,7 +1,268 @@
-"""The review dashboard: server-rendered HTML pages (SPEC 5)."""
+"""The review dashboard: server-rendered HTML pages (SPEC 5).
+
+`/` lists the history, `/conversations/{id}` shows one conversation, `/playground`
+sends a prompt. The pages are complete without JavaScript; static/app.js only follows
+a streaming conversation live and runs the playground.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import functools
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+from uuid import UUID
 
-routes: list[BaseRoute] = []
+import jinja2
+import psycopg
+from psycopg_pool import PoolTimeout
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from sse_llm import __version__, store
+from sse_llm.resources import resource_dir
+from sse_llm.store import HIT_START, HIT_STOP, STATUSES
+
+log = logging.getLogger(__name__)
+
+# Everything a page runs or wears comes from /static: no inline script, no style
+# attributes, so injected markup could do nothing even if it slipped past escaping.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
+    "Cache-Control": "no-store",  # pages show live data (and, with a key set, private data)
+}
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+MAX_OFFSET = 1_000_000_000
+MAX_QUERY_CHARS = 1000
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_MARKERS = re.compile(f"([{HIT_START}{HIT_STOP}])")
+
+
+@dataclass(frozen=True)
+class HistorySearch:
+    """What the history page shows: the `q`, `status`, `limit` and `offset` of its URL."""
+
+    q: str = ""
+    status: str = ""
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request) -> HistorySearch:
+        """Read the query string forgivingly: a person typed it, so out-of-range values are
+        clamped and unknown statuses ignored instead of answered with an error page."""
+        params = request.query_params
+        q = params.get("q", "").replace("\x00", "").strip()[:MAX_QUERY_CHARS]
+        status = params.get("status", "")
+        return cls(
+            q=q,
+            status=status if status in STATUSES else "",
+            limit=_clamped_int(params.get("limit"), DEFAULT_LIMIT, 1, MAX_LIMIT),
+            offset=_clamped_int(params.get("offset"), 0, 0, MAX_OFFSET),
+        )
+
+    def link(self, **changes: Any) -> str:
+        """The URL of this page with some parameters changed (None or "" drops one)."""
+        search = replace(self, **{key: value or "" for key, value in changes.items()})
+        params = {"q": search.q, "status": search.status}
+        if search.limit != DEFAULT_LIMIT:
+            params["limit"] = str(search.limit)
+        if search.offset:
+            params["offset"] = str(search.offset)
+        query = urlencode({key: value for key, value in params.items() if value})
+        return f"/?{query}" if query else "/"
+
+
+def _clamped_int(raw: str | None, default: int, low: int, high: int) -> int:
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        return default
+    return min(max(value, low), high)
+
+
+async def history_page(request: Request) -> Response:
+    """GET /: the history, newest first, with search, status filter, counts and paging."""
+    search = HistorySearch.from_request(request)
+    pool = request.app.state.pool
+    page = await store.list_history_rows(
+        pool,
+        limit=search.limit,
+        offset=search.offset,
+        query=search.q or None,
+        status=search.status or None,
+    )
+    counts = await store.count_by_status(pool)
+    by_status = {count.status: count.count for count in counts}
+    context = {
+        "active": "history",
+        "search": search,
+        "rows": page.items,
+        "has_more": page.has_more,
+        "counts": [(status, by_status.get(status, 0)) for status in STATUSES],
+        "total": sum(by_status.values()),
+        "statuses": STATUSES,
+        "default_limit": DEFAULT_LIMIT,
+        "max_query_chars": MAX_QUERY_CHARS,
+    }
+    return render(request, "history.html", context)
+
+
+async def conversation_page(request: Request) -> Response:
+    """GET /conversations/{id}: one conversation; app.js follows it live while it streams."""
+    try:
+        conversation_id = UUID(request.path_params["conversation_id"])
+    except ValueError:
+        return not_found(request)
+    conversation = await store.get_conversation_detail(request.app.state.pool, conversation_id)
+    if conversation is None:
+        return not_found(request)
+    duration = None
+    if conversation.completed_at is not None:
+        duration = (conversation.completed_at - conversation.created_at).total_seconds()
+    context = {"conversation": conversation, "duration": duration}
+    return render(request, "conversation.html", context)
+
+
+async def playground_page(request: Request) -> Response:
+    """GET /playground: a prompt form; app.js streams the answer into the page."""
+    state = request.app.state
+    context = {
+        "active": "playground",
+        "provider": state.provider.name,
+        "model": state.provider.model,
+        "max_prompt_chars": state.settings.max_prompt_chars,
+    }
+    return render(request, "playground.html", context)
+
+
+def not_found(request: Request) -> Response:
+    """The HTML 404 page for a conversation id that is unknown or not an id at all."""
+    context = {
+        "heading": "Conversation not found",
+        "message": "No conversation has this id. It may be mistyped.",
+    }
+    return render(request, "error.html", context, status_code=404)
+
+
+def html_errors(handler: Handler) -> Handler:
+    """Answer a database outage with an HTML page, not the API's JSON (the page is for people)."""
+
+    @functools.wraps(handler)
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("database unavailable during GET %s: %s", request.url.path, exc)
+            context = {
+                "heading": "Database unavailable",
+                "message": "The history cannot be read right now. Try again in a few seconds.",
+            }
+            return render(request, "error.html", context, 503, {"Retry-After": "5"})
+
+    return handle
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any],
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A page from `templates/`, with the security headers every page carries."""
+    return templates_of(request).TemplateResponse(
+        request,
+        template,
+        context,
+        status_code=status_code,
+        headers={**SECURITY_HEADERS, **(headers or {})},
+    )
+
+
+def templates_of(request: Request) -> Jinja2Templates:
+    """The app's templates, built on first use and kept on app.state (compiled once)."""
+    templates: Jinja2Templates | None = getattr(request.app.state, "templates", None)
+    if templates is None:
+        templates = request.app.state.templates = create_templates()
+    return templates
+
+
+def create_templates() -> Jinja2Templates:
+    """The Jinja environment: autoescaping on for every template, undefined names are errors."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(resource_dir("templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.globals["version"] = __version__
+    environment.filters["hits"] = split_hits
+    environment.filters["utc"] = format_utc
+    environment.filters["seconds"] = format_seconds
+    environment.filters["thousands"] = "{:,}".format
+    return Jinja2Templates(env=environment)
+
+
+def split_hits(text: str) -> list[tuple[str, bool]]:
+    """Split a search excerpt into (text, is_hit) parts at the HIT_START/HIT_STOP markers.
+
+    The template wraps hits in <mark> and escapes every part, so highlighting needs no
+    trusted HTML; store.py removes the markers from stored text before marking the hits.
+    """
+    parts: list[tuple[str, bool]] = []
+    hit = False
+    for piece in _MARKERS.split(text):
+        if piece in (HIT_START, HIT_STOP):
+            hit = piece == HIT_START
+        elif piece:
+            parts.append((piece, hit))
+    return parts
+
+
+def format_utc(moment: datetime, short: bool = False) -> str:
+    """A time in UTC, to the minute (`short`) or to the second."""
+    pattern = "%Y-%m-%d %H:%M UTC" if short else "%Y-%m-%d %H:%M:%S UTC"
+    return moment.astimezone(UTC).strftime(pattern)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration for people: 245 ms, 3.2 s, 4 min 5 s; a dash when unknown."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+routes: list[BaseRoute] = [
+    Route("/", html_errors(history_page), methods=["GET"], name="history_page"),
+    Route(
+        "/conversations/{conversation_id}",
+        html_errors(conversation_page),
+        methods=["GET"],
+        name="conversation_page",
+    ),
+    Route("/playground", html_errors(playground_page), methods=["GET"], name="playground"),
+]

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
 from sse_llm.config import Settings
+from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.store import Chunk, Conversation
 from sse_llm.writer import ChunkWriter
@@ -74,8 +75,12 @@ class Generation:
         writer: ChunkWriter,
         pool: AsyncConnectionPool,
         settings: Settings,
+        metrics: Metrics,
+        request_id: str | None = None,
     ) -> None:
         self.conversation = conversation
+        self.request_id = request_id
+        self._metrics = metrics
         self.id: UUID = conversation.id
         self.persisted = 0  # highest seq persisted and published
         self.storage_failed = False
@@ -88,6 +93,7 @@ class Generation:
         self._stop_reason: str | None = None  # why stop() was called, once it was
         self._generating = False  # reading the provider: the only phase stop() may cancel
         self._last_write: asyncio.Future[bool] | None = None
+        self._first_chunk_after: float | None = None
         self.task: asyncio.Task[None] | None = None
 
     def subscribe(self) -> Subscriber:
@@ -127,7 +133,11 @@ class Generation:
     async def run(self) -> None:
         """Generate, wait for the last chunk to be persisted, record the end, tell everyone."""
         started = time.monotonic()
-        produced = await self._generate()
+        self._metrics.active_streams.inc()
+        try:
+            produced = await self._generate()
+        finally:
+            self._metrics.active_streams.dec()
         if self._last_write is not None:
             await self._last_write  # every chunk handed to the writer is settled after this
         if self.storage_failed:
@@ -141,20 +151,32 @@ class Generation:
         for subscriber in self._subscribers:
             subscriber.finish(outcome)
         self._subscribers.clear()
-        log.info(
-            "stream ended id=%s status=%s chunks=%d duration=%.3fs%s",
-            self.id,
-            outcome.status,
-            outcome.chunks,
-            time.monotonic() - started,
-            f" error={outcome.error_code}" if outcome.error_code else "",
-        )
+        self._report(outcome, started)
+
+    def _report(self, outcome: Outcome, started: float) -> None:
+        """The per-stream log line and metrics (never the prompt or response text)."""
+        self._metrics.streams.labels(outcome.status).inc()
+        if outcome.error_code:
+            self._metrics.stream_errors.labels(outcome.error_code).inc()
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "conversation_id": str(self.id),
+            "status": outcome.status,
+            "chunks": outcome.chunks,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        if self._first_chunk_after is not None:
+            fields["ttfc_ms"] = round(self._first_chunk_after * 1000, 1)
+        if outcome.error_code:
+            fields["error"] = outcome.error_code
+        log.info("stream ended", extra={"fields": fields})
 
     async def _generate(self) -> Outcome:
         """Read the provider under the SPEC 1 timeouts, handing each piece to the writer."""
         settings = self._settings
         loop = asyncio.get_running_loop()
-        total_deadline = loop.time() + settings.total_timeout
+        started = loop.time()
+        total_deadline = started + settings.total_timeout
         seq = 0
         if self._stop_reason is not None:  # stopped before it started
             return self._stopped_outcome(self._stop_reason)
@@ -168,7 +190,11 @@ class Generation:
                     async for text in pieces:
                         if text:
                             seq += 1
-                            chunk = Chunk(self.id, seq, text)
+                            now = loop.time()
+                            if seq == 1:
+                                self._first_chunk_after = now - started
+                                self._metrics.time_to_first_chunk.observe(self._first_chunk_after)
+                            chunk = Chunk(self.id, seq, text, now)
                             self._last_write = self._writer.write(chunk, self)
                         waiting = settings.chunk_timeout if seq else settings.first_chunk_timeout
                         timer.reschedule(min(loop.time() + waiting, total_deadline))
@@ -244,7 +270,9 @@ class Generations:
         writer: ChunkWriter,
         pool: AsyncConnectionPool,
         settings: Settings,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._provider = provider
         self._writer = writer
         self._pool = pool
@@ -258,10 +286,16 @@ class Generations:
         """The conversations this process is generating right now."""
         return list(self._running)
 
-    def start(self, conversation: Conversation) -> Generation:
+    def start(self, conversation: Conversation, request_id: str | None = None) -> Generation:
         """Start generating the answer to a new conversation."""
         generation = Generation(
-            conversation, self._provider, self._writer, self._pool, self._settings
+            conversation,
+            self._provider,
+            self._writer,
+            self._pool,
+            self._settings,
+            self._metrics,
+            request_id,
         )
         generation.task = asyncio.create_task(
             generation.run(), name=f"generation-{conversation.id}"

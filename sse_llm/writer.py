@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
 import psycopg
 
 from sse_llm import store
+from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,9 @@ class ChunkOwner(Protocol):
 class ChunkWriter:
     """Persists chunks in batches on one dedicated connection, retrying through outages."""
 
-    def __init__(self, database_url: str, storage_timeout: float) -> None:
+    def __init__(self, database_url: str, storage_timeout: float, metrics: Metrics) -> None:
         self._database_url = database_url
+        self._metrics = metrics
         self._storage_timeout = storage_timeout
         self._pending: list[tuple[Chunk, ChunkOwner]] = []
         self._pending_done: asyncio.Future[bool] | None = None
@@ -92,8 +95,10 @@ class ChunkWriter:
         batch = [(chunk, owner) for chunk, owner in batch if not owner.storage_failed]
         if not batch:
             return
+        chunks = [chunk for chunk, _ in batch]
+        started = time.monotonic()
         try:
-            await self._persist([chunk for chunk, _ in batch])
+            await self._persist(chunks)
         except StorageUnavailable:
             for _, owner in batch:
                 if not owner.storage_failed:
@@ -101,6 +106,7 @@ class ChunkWriter:
             return
         for chunk, owner in batch:
             owner.publish(chunk)
+        self._metrics.observe_batch(chunks, time.monotonic() - started)
 
     async def _persist(self, chunks: list[Chunk]) -> None:
         """Insert the chunks; on a connection problem reconnect and retry with backoff."""

@@ -100,14 +100,16 @@ def test_second_client_attached_mid_stream_sees_every_chunk_once(
     slow_server: RunningServer,
 ) -> None:
     prompt = "two watchers"
-    with httpx.Client(base_url=slow_server.url) as client:
-        with client.stream("POST", "/stream", json={"prompt": prompt}) as response:
-            conversation_id = response.headers["x-conversation-id"]
-            stream = iter_events(response)
-            read_until(stream, 4)
-            _, watcher = attach(client, conversation_id)
-            rest = list(stream)
-    assert [e.event for e in watcher][0] == "start"
+    with (
+        httpx.Client(base_url=slow_server.url) as client,
+        client.stream("POST", "/stream", json={"prompt": prompt}) as response,
+    ):
+        conversation_id = response.headers["x-conversation-id"]
+        stream = iter_events(response)
+        read_until(stream, 4)
+        _, watcher = attach(client, conversation_id)
+        rest = list(stream)
+    assert watcher[0].event == "start"
     assert [e.id for e in watcher if e.event == "message"] == [str(n) for n in range(1, 21)]
     assert chunk_text(watcher) == expected(prompt)
     assert rest[-1].event == "done"

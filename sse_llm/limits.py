@@ -1,0 +1,51 @@
+"""Per-client rate limiting of new streams (SSE_LLM_RATE_LIMIT, e.g. `60/minute`)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from starlette.requests import Request
+
+
+class RateLimiter:
+    """A token bucket per client, in this process's memory.
+
+    Each client may start `count` streams per `period` seconds, in bursts of up to
+    `count`. With several processes each keeps its own buckets, so the limit a client
+    sees is per process; the README says so.
+    """
+
+    def __init__(self, count: int, period: float, max_clients: int = 100_000) -> None:
+        self.count = count
+        self.rate = count / period  # tokens regained per second
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, updated)
+        self._max_clients = max_clients
+
+    def acquire(self, key: str, now: float | None = None) -> float | None:
+        """Take one token; return None if allowed, else the seconds until one is free."""
+        now = time.monotonic() if now is None else now
+        tokens, updated = self._buckets.get(key, (float(self.count), now))
+        tokens = min(float(self.count), tokens + (now - updated) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+        if len(self._buckets) >= self._max_clients:
+            self._forget_idle(now)
+        self._buckets[key] = (tokens - 1, now)
+        return None
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop clients whose bucket has refilled: they are as good as new."""
+        full_after = self.count / self.rate
+        self._buckets = {
+            key: value for key, value in self._buckets.items() if now - value[1] < full_after
+        }
+
+
+def client_key(request: Request) -> str:
+    """Who is asking: their API key (hashed) if they sent one, else their address."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
+    return "ip:" + (request.client.host if request.client else "unknown")

@@ -1,0 +1,323 @@
+"""The OpenAPI 3.1 description of the JSON and SSE API, served at GET /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sse_llm import __version__
+from sse_llm.config import Settings
+from sse_llm.store import STATUSES
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(schema_name: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
+        },
+    }
+
+
+_EVENT_STREAM = {
+    "description": (
+        "Server-Sent Events: `start`, one unnamed event per chunk (`id:` = its sequence "
+        'number, data `{"text": ...}`), then `done` or `error`. `: ping` comments keep '
+        "an idle connection open."
+    ),
+    "headers": {
+        "X-Conversation-Id": {"schema": {"type": "string", "format": "uuid"}},
+    },
+    "content": {
+        "text/event-stream": {
+            # One server-sent event (what EventSource hands to its listeners).
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "event": {"enum": ["start", "message", "done", "error"]},
+                    "id": {"type": "string", "pattern": "^[0-9]+$"},
+                    "retry": {"type": "integer"},
+                    "data": {"type": "string", "contentMediaType": "application/json"},
+                },
+            }
+        }
+    },
+}
+
+_ID_PARAMETER = {
+    "name": "conversation_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "A conversation id (a UUID; anything else is simply not found).",
+}
+
+_UNAVAILABLE = _error("The database is unavailable, or the service is shutting down.")
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    """The document; it declares the bearer key only when one is configured."""
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sse-llm",
+            "version": __version__,
+            "description": "Stream a language model's answer as Server-Sent Events; "
+            "every conversation is kept in PostgreSQL.",
+        },
+        "paths": _paths(settings),
+        "components": {"schemas": _SCHEMAS},
+    }
+    if settings.api_key:
+        document["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"apiKey": []}]
+    return document
+
+
+def _paths(settings: Settings) -> dict[str, Any]:
+    return {
+        "/stream": {
+            "post": {
+                "summary": "Start a generation and stream its answer",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _stream_request(settings.max_prompt_chars)}
+                    },
+                },
+                "responses": {
+                    "200": _EVENT_STREAM,
+                    "400": _error("The body is not valid JSON."),
+                    "401": _error("The API key is missing or wrong."),
+                    "413": _error("The body is over 1 MiB."),
+                    "415": _error("The body is not application/json."),
+                    "422": _error("The prompt is missing, not text, blank or too long."),
+                    "429": _error("Too many streams started; see Retry-After."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/stream": {
+            "get": {
+                "summary": "Replay a conversation after Last-Event-ID, then follow it live",
+                "parameters": [
+                    _ID_PARAMETER,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string"},
+                        "description": "Resume after this chunk (wins over last_event_id).",
+                    },
+                    {
+                        "name": "last_event_id",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+                    },
+                ],
+                "responses": {
+                    "200": _EVENT_STREAM,
+                    "204": {"description": "Ended, and nothing after Last-Event-ID."},
+                    "401": _error("The API key is missing or wrong."),
+                    "404": _error("No conversation has this id."),
+                    "422": _error("Last-Event-ID is not a chunk number."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/cancel": {
+            "post": {
+                "summary": "Cancel a running generation, on whichever process runs it",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "202": _json("Cancelling", "The generation is being stopped."),
+                    "401": _error("The API key is missing or wrong."),
+                    "404": _error("No conversation has this id."),
+                    "409": _error("The conversation has already ended."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/history": {
+            "get": {
+                "summary": "Conversations, newest first, with full-text search",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000000000},
+                    },
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "schema": {"type": "string", "maxLength": 1000, "pattern": "^[^\\u0000]*$"},
+                        "description": 'Web search syntax: words, "phrases", -excluded, or.',
+                    },
+                    {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
+                ],
+                "responses": {
+                    "200": _json("HistoryPage", "A page of conversations."),
+                    "401": _error("The API key is missing or wrong."),
+                    "422": _error("A parameter is out of range."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/history/{conversation_id}": {
+            "get": {
+                "summary": "One conversation (a streaming one shows what is persisted so far)",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "200": _json("Conversation", "The conversation."),
+                    "401": _error("The API key is missing or wrong."),
+                    "404": _error("No conversation has this id."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: 200 while the process runs",
+                "security": [],
+                "responses": {"200": _json("Health", "Alive.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: 200 when the database answers",
+                "responses": {
+                    "200": _json("Health", "Ready."),
+                    "401": _error("The API key is missing or wrong."),
+                    "503": _error("The database does not answer."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _error("The API key is missing or wrong."),
+                },
+            }
+        },
+    }
+
+
+def _stream_request(max_chars: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["prompt"],
+        "properties": {
+            "prompt": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": max_chars,
+                # Not blank, no NUL (the service trims and checks both).
+                "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+            }
+        },
+    }
+
+
+_TIMESTAMP = {"type": "string", "format": "date-time"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "additionalProperties": False,
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    },
+    "Conversation": {
+        "type": "object",
+        "required": [
+            "id",
+            "prompt",
+            "response",
+            "status",
+            "created_at",
+            "completed_at",
+            "model",
+            "provider",
+            "chunks",
+            "error",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "prompt": {"type": "string"},
+            "response": {"type": "string"},
+            "status": {"enum": list(STATUSES)},
+            "created_at": _TIMESTAMP,
+            "completed_at": {"oneOf": [_TIMESTAMP, {"type": "null"}]},
+            "model": {"type": "string"},
+            "provider": {"type": "string"},
+            "chunks": {"type": "integer", "minimum": 0},
+            "error": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": ["string", "null"]},
+                        },
+                    },
+                ]
+            },
+        },
+    },
+    "HistoryPage": {
+        "type": "object",
+        "required": ["items", "limit", "offset", "has_more"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Conversation"}},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "has_more": {"type": "boolean"},
+        },
+    },
+    "Cancelling": {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {"id": {"type": "string"}, "status": {"const": "cancelling"}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    },
+}
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    """GET /openapi.json."""
+    return JSONResponse(build_openapi(request.app.state.settings))

@@ -1,0 +1,180 @@
+"""SPEC 7 and issue 6: metrics, request ids and logs, OpenAPI, health, limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from sse_llm.config import Settings
+from sse_llm.limits import RateLimiter
+from sse_llm.logs import JsonFormatter, TextFormatter
+from tests.conftest import RunningServer, start_server
+from tests.sse_client import iter_events, stream_prompt
+
+
+def metric(text: str, name: str, default: float | None = None) -> float:
+    """The value of one sample line (`name{labels} value`) of a Prometheus exposition."""
+    pattern = re.compile(rf"^{re.escape(name)} ([0-9.e+-]+)$", re.MULTILINE)
+    match = pattern.search(text)
+    if match is None and default is not None:
+        return default
+    assert match is not None, f"{name} not in metrics"
+    return float(match.group(1))
+
+
+def test_metrics_count_requests_streams_chunks_and_latencies(demo_server: RunningServer) -> None:
+    with httpx.Client(base_url=demo_server.url) as client:
+        before = client.get("/metrics").text
+        stream_prompt(client, "count me")
+        client.get("/history/not-a-uuid")
+        after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert metric(text, "sse_llm_chunks_total") - metric(before, "sse_llm_chunks_total") == 12
+    streams = 'sse_llm_streams_total{status="completed"}'
+    assert metric(text, streams) - metric(before, streams, default=0) == 1
+    assert metric(text, "sse_llm_active_streams") == 0
+    assert metric(text, "sse_llm_time_to_first_chunk_seconds_count") >= 1
+    assert metric(text, "sse_llm_chunk_delivery_seconds_count") >= 12
+    assert metric(text, "sse_llm_persist_batch_seconds_count") >= 1
+    assert metric(text, "sse_llm_persist_batch_size_sum") >= 12
+    assert 'sse_llm_requests_total{method="POST",route="stream",status="200"}' in text
+    assert 'sse_llm_requests_total{method="GET",route="history_item",status="404"}' in text
+    assert 'sse_llm_db_pool_connections{state="idle"}' in text
+
+
+def test_stream_errors_are_counted_by_code(demo_server: RunningServer) -> None:
+    with httpx.Client(base_url=demo_server.url) as client:
+        with client.stream("POST", "/stream", json={"prompt": "count a cancel"}) as response:
+            conversation_id = response.headers["x-conversation-id"]
+            client.post(f"/conversations/{conversation_id}/cancel")
+            list(iter_events(response))
+        text = client.get("/metrics").text
+    assert metric(text, 'sse_llm_stream_errors_total{code="cancelled"}') >= 1
+
+
+def test_every_response_has_a_request_id(demo_server: RunningServer) -> None:
+    plain = httpx.get(f"{demo_server.url}/healthz")
+    assert re.fullmatch(r"[0-9a-f]{32}", plain.headers["x-request-id"])
+    given = httpx.get(f"{demo_server.url}/healthz", headers={"X-Request-Id": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    hostile = httpx.get(
+        f"{demo_server.url}/healthz", headers={"X-Request-Id": "a b\tc" + "x" * 100}
+    )
+    assert hostile.headers["x-request-id"] != "a b\tc" + "x" * 100
+
+
+def test_one_log_line_per_request_and_per_stream_without_the_prompt(
+    demo_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "my secret prompt text"
+    caplog.set_level(logging.INFO)
+    with httpx.Client(base_url=demo_server.url) as client:
+        response, _ = stream_prompt(client, secret, headers={"X-Request-Id": "trace-77"})
+    conversation_id = response.headers["x-conversation-id"]
+
+    def mine() -> list[logging.LogRecord]:
+        return [
+            r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "trace-77"
+        ]
+
+    # The request's line is written as its response finishes, just after the last event.
+    deadline = time.monotonic() + 5
+    while len(mine()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kinds = sorted(r.getMessage() for r in mine())
+    assert kinds == ["request", "stream ended"]
+    stream_line = next(r for r in mine() if r.getMessage() == "stream ended")
+    assert stream_line.fields["conversation_id"] == conversation_id  # type: ignore[attr-defined]
+    assert stream_line.fields["status"] == "completed"  # type: ignore[attr-defined]
+    assert stream_line.fields["chunks"] == 12  # type: ignore[attr-defined]
+    assert "ttfc_ms" in stream_line.fields and "duration_ms" in stream_line.fields  # type: ignore[attr-defined]
+    request_line = next(r for r in mine() if r.getMessage() == "request")
+    assert request_line.fields["conversation_id"] == conversation_id  # type: ignore[attr-defined]
+    for record in caplog.records:
+        if record.levelno >= logging.INFO:
+            assert secret not in TextFormatter().format(record)
+
+
+def test_log_formats() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"status": 200, "path": "/history"}
+    assert TextFormatter().format(record).endswith("request status=200 path=/history")
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "request"
+    assert entry["status"] == 200 and entry["level"] == "info"
+
+
+def test_openapi_document_is_valid_and_covers_every_json_route(
+    demo_server: RunningServer,
+) -> None:
+    document = httpx.get(f"{demo_server.url}/openapi.json").json()
+    validate(document)
+    assert set(document["paths"]) >= {
+        "/stream",
+        "/conversations/{conversation_id}/stream",
+        "/conversations/{conversation_id}/cancel",
+        "/history",
+        "/history/{conversation_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+
+
+def test_health_endpoints(demo_server: RunningServer) -> None:
+    assert httpx.get(f"{demo_server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{demo_server.url}/readyz").json() == {"status": "ready"}
+
+
+def test_rate_limiter_refills() -> None:
+    limiter = RateLimiter(2, 60)
+    assert limiter.acquire("a", now=0) is None
+    assert limiter.acquire("a", now=0) is None
+    wait = limiter.acquire("a", now=0)
+    assert wait == pytest.approx(30)
+    assert limiter.acquire("b", now=0) is None  # other clients are not affected
+    assert limiter.acquire("a", now=31) is None
+
+
+@pytest.fixture(scope="module")
+def limited_server(base_settings: Settings) -> Iterator[RunningServer]:
+    running = start_server(base_settings.with_changes(rate_limit="3/minute", max_streams=1000))
+    yield running
+    running.stop()
+
+
+def test_too_many_streams_from_one_client_get_429(limited_server: RunningServer) -> None:
+    with httpx.Client(base_url=limited_server.url) as client:
+        for _ in range(3):
+            assert stream_prompt(client, "allowed")[0].status_code == 200
+        refused, _ = stream_prompt(client, "one too many")
+        other_key, _ = stream_prompt(client, "other client", headers={"Authorization": "Bearer x"})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["retry-after"]) <= 20
+    assert other_key.status_code == 200
+
+
+def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
+    server = start_server(
+        base_settings.with_changes(max_streams=1, demo_tokens=40, demo_tokens_per_second=20)
+    )
+    try:
+        with (
+            httpx.Client(base_url=server.url) as client,
+            client.stream("POST", "/stream", json={"prompt": "first"}) as first,
+        ):
+            assert first.status_code == 200
+            second, _ = stream_prompt(client, "second")
+            assert second.status_code == 503
+            assert second.json()["error"]["code"] == "too_many_streams"
+    finally:
+        server.stop()
