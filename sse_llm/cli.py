@@ -6,6 +6,7 @@ import argparse
 import logging
 import logging.config
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import uvicorn
 
 from sse_llm.config import ConfigError, Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.http_protocol import BoundedHttpToolsProtocol
 from sse_llm.logs import logging_config
 
 log = logging.getLogger("sse_llm")
@@ -78,14 +80,19 @@ def serve(settings: Settings, workers: int) -> None:
         "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,
         "log_config": logging_config(settings.log_format),  # each worker configures its own
         "access_log": False,  # sse_llm.requests logs each request, with its request id
+        "http": BoundedHttpToolsProtocol,
     }
     if workers > 1:
         os.environ["DATABASE_URL"] = settings.database_url or ""
         # Workers share their metrics through files here (see metrics.py).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sse-llm-metrics-")
-        uvicorn.run(
-            "sse_llm.app:create_app_from_environment", factory=True, workers=workers, **options
-        )
+        metrics_dir = tempfile.mkdtemp(prefix="sse-llm-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            uvicorn.run(
+                "sse_llm.app:create_app_from_environment", factory=True, workers=workers, **options
+            )
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         # The migrations ran above: the app need not apply them again.
         uvicorn.run(create_app(settings, migrate=False), **options)

@@ -22,6 +22,7 @@ from psycopg import sql
 from sse_llm.app import create_app
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.http_protocol import BoundedHttpToolsProtocol
 
 if TYPE_CHECKING:
     from tests.fake_upstream import FakeUpstream
@@ -99,6 +100,7 @@ def start_server(settings: Settings) -> RunningServer:
         host="127.0.0.1",
         port=port,
         log_level="warning",
+        http=BoundedHttpToolsProtocol,  # as `sse-llm serve` runs it
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
     server = uvicorn.Server(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Iterator
 
@@ -178,3 +179,15 @@ def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
             assert second.json()["error"]["code"] == "too_many_streams"
     finally:
         server.stop()
+
+
+def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: RunningServer) -> None:
+    host, port = demo_server.url.removeprefix("http://").split(":")
+    for request in (
+        b"GET /history HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /history?q=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request)
+            reply = sock.recv(1024)
+        assert reply.startswith(b"HTTP/1.1 4"), reply[:80]

@@ -190,6 +190,10 @@ def test_two_workers_serve_streams(database_url: str) -> None:
             replay = httpx.get(f"{server.url}/conversations/{conversation_id}/stream")
             assert replay.status_code == 200
             assert chunk_text(list(iter_events(replay))) == chunk_text(events)
+        # Whichever worker answers a scrape reports the sum over both.
+        for _ in range(4):
+            metrics = httpx.get(f"{server.url}/metrics").text
+            assert "\nsse_llm_chunks_total 60.0\n" in metrics
     finally:
         server.stop()
     assert server.log().count("Started server process") == 2
