@@ -19,7 +19,7 @@ from sse_llm import store
 from sse_llm.broadcast import follow_remote, outcome_of
 from sse_llm.errors import ApiError
 from sse_llm.events import chunk_events, live_events, start_event
-from sse_llm.generation import Generation, Outcome
+from sse_llm.generation import Generation, Outcome, Subscriber
 from sse_llm.limits import client_key
 from sse_llm.store import STATUSES, Chunk, Conversation
 
@@ -33,9 +33,47 @@ MAX_OFFSET = 1_000_000_000
 
 async def stream(request: Request) -> Response:
     """POST /stream: start a generation and stream it as Server-Sent Events (SPEC 2)."""
-    state = request.app.state
     body = await read_json_object(request)
-    prompt = validate_prompt(body, state.settings.max_prompt_chars)
+    prompt = validate_prompt(body, request.app.state.settings.max_prompt_chars)
+    conversation, generation, subscriber = await start_generation(request, prompt)
+    events = live_events(conversation.id, subscriber.updates(), start_event(conversation))
+    return sse_response(
+        request, conversation, closing(events, lambda: generation.unsubscribe(subscriber))
+    )
+
+
+async def start_generation(
+    request: Request,
+    prompt: str,
+    *,
+    model: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[Conversation, Generation, Subscriber]:
+    """Admit a new stream, create its conversation, start it, and subscribe to it."""
+    state = request.app.state
+    admit_stream(request)
+    # The row exists before the first byte is sent: the id in the headers is real.
+    conversation = await store.create_conversation(
+        state.pool,
+        conversation_id=uuid4(),
+        prompt=prompt,
+        model=model or state.provider.model,
+        provider=state.provider.name,
+        owner_id=state.lease.instance_id,
+        messages=messages,
+        parameters=parameters,
+    )
+    generation: Generation = state.generations.start(
+        conversation, request.scope.get("state", {}).get("request_id")
+    )
+    subscriber = generation.subscribe()  # before any await: no chunk can be missed
+    return conversation, generation, subscriber
+
+
+def admit_stream(request: Request) -> None:
+    """Refuse a new stream while shutting down, past the rate limit, or past the cap."""
+    state = request.app.state
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "The service is shutting down. Try another replica.")
     if state.rate_limiter is not None:
@@ -47,23 +85,6 @@ async def stream(request: Request) -> Response:
     if len(state.generations) >= state.settings.max_streams:
         message = "Too many streams are running. Try again shortly."
         raise ApiError(503, "too_many_streams", message, {"Retry-After": "1"})
-    # The row exists before the first byte is sent: the id in the headers is real.
-    conversation = await store.create_conversation(
-        state.pool,
-        conversation_id=uuid4(),
-        prompt=prompt,
-        model=state.provider.model,
-        provider=state.provider.name,
-        owner_id=state.lease.instance_id,
-    )
-    generation: Generation = state.generations.start(
-        conversation, request.scope.get("state", {}).get("request_id")
-    )
-    subscriber = generation.subscribe()  # before any await: no chunk can be missed
-    events = live_events(conversation.id, subscriber.updates(), start_event(conversation))
-    return sse_response(
-        request, conversation, _closing(events, lambda: generation.unsubscribe(subscriber))
-    )
 
 
 def sse_response(
@@ -118,7 +139,7 @@ async def attach(request: Request) -> Response:
         return Response(status_code=204)  # ended, nothing new: EventSource stops reconnecting
     first = RETRY_HINT + (start_event(conversation) if after == 0 else b"") + chunk_events(replay)
     events = live_events(conversation_id, updates, first)
-    return sse_response(request, conversation, _closing(events, on_close))
+    return sse_response(request, conversation, closing(events, on_close))
 
 
 async def cancel(request: Request) -> Response:
@@ -181,7 +202,7 @@ def _last_event_id(request: Request) -> int:
     return value
 
 
-async def _closing(
+async def closing(
     events: AsyncIterator[bytes], on_close: Callable[[], None]
 ) -> AsyncIterator[bytes]:
     """Run `on_close` however the stream ends: finished, or the client went away."""

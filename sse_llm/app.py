@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sse_llm import access, api, dashboard
+from sse_llm import access, api, dashboard, openai_api
 from sse_llm.access import AccessControl
 from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings, parse_rate
@@ -45,6 +45,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             *api.routes,
             *dashboard.routes,
             *access.routes,
+            *openai_api.routes,
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),

@@ -40,7 +40,8 @@ CONTENT_SECURITY_POLICY = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: browsers then send `Origin: null` on same-site form posts (sign-in).
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "Cache-Control": "no-store",  # pages show live data (and, with a key set, private data)
 }
@@ -80,7 +81,7 @@ class HistorySearch:
 
     def link(self, **changes: Any) -> str:
         """The URL of this page with some parameters changed (None or "" drops one)."""
-        search = replace(self, **{key: value or "" for key, value in changes.items()})
+        search = replace(self, **{key: "" if v is None else v for key, v in changes.items()})
         params = {"q": search.q, "status": search.status}
         if search.limit != DEFAULT_LIMIT:
             params["limit"] = str(search.limit)

@@ -20,6 +20,7 @@ from sse_llm import store
 from sse_llm.config import Settings
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
+from sse_llm.providers.base import ModelRequest
 from sse_llm.store import Chunk, Conversation
 from sse_llm.writer import ChunkWriter
 
@@ -182,7 +183,7 @@ class Generation:
             return self._stopped_outcome(self._stop_reason)
         self._generating = True
         try:
-            async with aclosing(self._provider.stream(self.conversation.prompt)) as pieces:
+            async with aclosing(self._provider.stream(self._model_request())) as pieces:
                 # One timer, moved forward after each piece: cheaper than a timeout per chunk.
                 async with asyncio.timeout(None) as timer:
                     waiting = settings.first_chunk_timeout
@@ -214,6 +215,14 @@ class Generation:
         finally:
             self._generating = False
         return Outcome("completed", seq)
+
+    def _model_request(self) -> ModelRequest:
+        conversation = self.conversation
+        if conversation.messages is None:  # POST /stream: one prompt
+            return ModelRequest.from_prompt(conversation.prompt, conversation.model)
+        return ModelRequest(
+            conversation.messages, conversation.model, conversation.parameters or {}
+        )
 
     def _timeout_outcome(self, seq: int, total: bool) -> Outcome:
         if total:

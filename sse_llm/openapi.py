@@ -164,7 +164,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     {
                         "name": "q",
                         "in": "query",
-                        "schema": {"type": "string", "maxLength": 1000, "pattern": "^[^\\u0000]*$"},
+                        "schema": {"type": "string", "maxLength": 1000, "pattern": _NO_NUL},
                         "description": 'Web search syntax: words, "phrases", -excluded, or.',
                     },
                     {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
@@ -186,6 +186,54 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     "401": _error("The API key is missing or wrong."),
                     "404": _error("No conversation has this id."),
                     "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI-compatible chat completions, streamed or not",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _chat_request(settings.max_prompt_chars)}
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "A `chat.completion` object, or with `stream: true` "
+                        "`chat.completion.chunk` events ending with `data: [DONE]`.",
+                        "headers": {
+                            "X-Conversation-Id": {"schema": {"type": "string", "format": "uuid"}}
+                        },
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "object"}},
+                        },
+                    },
+                    "400": _openai_error(
+                        "The request is invalid or asks for something unsupported."
+                    ),
+                    "401": _error("The API key is missing or wrong."),
+                    "413": _openai_error("The body is over 1 MiB."),
+                    "415": _openai_error("The body is not application/json."),
+                    "429": _openai_error("Too many streams started; see Retry-After."),
+                    "502": _openai_error("The model server failed."),
+                    "503": _openai_error(
+                        "Unavailable, shutting down, or the answer was interrupted."
+                    ),
+                    "504": _openai_error("The model server timed out."),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI-compatible list of models (the configured one)",
+                "responses": {
+                    "200": {
+                        "description": "An OpenAI `list` of `model` objects.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "401": _error("The API key is missing or wrong."),
                 },
             }
         },
@@ -231,12 +279,84 @@ def _stream_request(max_chars: int) -> dict[str, Any]:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": max_chars,
-                # Not blank, no NUL (the service trims and checks both).
-                "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+                "pattern": _NOT_BLANK,
             }
         },
     }
 
+
+def _openai_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
+    }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields may also be sent as null (OpenAI clients do)."""
+    return {"oneOf": [schema, {"type": "null"}]}
+
+
+def _chat_request(max_chars: int) -> dict[str, Any]:
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": _NOT_BLANK}
+    message = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": ["system", "developer", "user", "assistant"]},
+            "content": text,
+            "name": {"type": "string", "pattern": _NO_NUL},
+        },
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["messages"],
+        "properties": {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 50,
+                "items": message,
+                "contains": {"type": "object", "properties": {"role": {"const": "user"}}},
+            },
+            "model": _nullable({"type": "string", "minLength": 1, "pattern": _NOT_BLANK}),
+            "stream": {"type": "boolean"},
+            "stream_options": _nullable(
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"include_usage": _nullable({"type": "boolean"})},
+                }
+            ),
+            "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+            "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+            "max_tokens": _nullable({"type": "integer", "minimum": 1}),
+            "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
+            "stop": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"type": "string", "minLength": 1, "pattern": _NO_NUL},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 4,
+                        "items": {"type": "string", "minLength": 1, "pattern": _NO_NUL},
+                    },
+                ]
+            },
+            "user": _nullable({"type": "string", "pattern": _NO_NUL}),
+            "n": {"const": 1},
+        },
+    }
+
+
+# Not blank and no NUL (the service trims and checks both).
+# Python's str.strip() also strips U+001C-U+001F and U+0085, which \s does not match.
+_NOT_BLANK = "^[^\\u0000]*[^\\s\\u0000\\u001c-\\u001f\\u0085][^\\u0000]*$"
+
+_NO_NUL = "^[^\\u0000]*$"
 
 _TIMESTAMP = {"type": "string", "format": "date-time"}
 
@@ -303,6 +423,22 @@ _SCHEMAS: dict[str, Any] = {
             "limit": {"type": "integer"},
             "offset": {"type": "integer"},
             "has_more": {"type": "boolean"},
+        },
+    },
+    "OpenAIError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
         },
     },
     "Cancelling": {

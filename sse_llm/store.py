@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 # The advisory-lock key space of instance locks (any constant unlikely to clash).
@@ -45,6 +47,9 @@ class Conversation:
     chunks: int
     error_code: str | None
     error_message: str | None
+    # Through /v1/chat/completions: the whole chat and the parameters sent upstream.
+    messages: list[dict[str, Any]] | None
+    parameters: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ _CONVERSATION_COLUMNS = sql.SQL("""
     CASE WHEN c.status = 'streaming'
         THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
         ELSE c.chunk_count END AS chunks,
-    c.error_code, c.error_message
+    c.error_code, c.error_message, c.messages, c.parameters
 """)
 
 
@@ -89,11 +94,15 @@ async def create_conversation(
     model: str,
     provider: str,
     owner_id: UUID,
+    messages: list[dict[str, Any]] | None = None,
+    parameters: dict[str, Any] | None = None,
 ) -> Conversation:
     """Insert a new conversation in status `streaming`, owned by this service instance."""
     query = sql.SQL("""
-        INSERT INTO conversations AS c (id, prompt, model, provider, owner_id)
-        VALUES (%(id)s, %(prompt)s, %(model)s, %(provider)s, %(owner_id)s)
+        INSERT INTO conversations AS c
+            (id, prompt, model, provider, owner_id, messages, parameters)
+        VALUES (%(id)s, %(prompt)s, %(model)s, %(provider)s, %(owner_id)s,
+                %(messages)s, %(parameters)s)
         RETURNING {columns}
     """).format(columns=_CONVERSATION_COLUMNS)
     params = {
@@ -102,6 +111,8 @@ async def create_conversation(
         "model": model,
         "provider": provider,
         "owner_id": owner_id,
+        "messages": Jsonb(messages) if messages is not None else None,
+        "parameters": Jsonb(parameters) if parameters is not None else None,
     }
     async with pool.connection() as conn:
         cursor = conn.cursor(row_factory=class_row(Conversation))
@@ -440,7 +451,8 @@ async def _search_page(
         "status": status,
         "limit": limit,
         "offset": offset,
-        "window": max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)),
+        # Deeper pages look further, up to a bound: past it the index is the cheaper way.
+        "window": min(max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)), 5 * _SEARCH_WINDOW_ROWS),
     }
     newest = sql.SQL("""
         SELECT recent.id, recent.created_at FROM (
@@ -450,10 +462,11 @@ async def _search_page(
         WHERE recent.search @@ websearch_to_tsquery('english', %(query)s)
         ORDER BY recent.created_at DESC, recent.id DESC LIMIT %(limit)s OFFSET %(offset)s
     """).format(status=status_condition)
-    cursor = await conn.execute(newest, params)
-    page = await cursor.fetchall()
-    if len(page) == limit:
-        return page  # the newest rows hold the whole page: it is the same as a full search
+    if offset + limit <= params["window"]:
+        cursor = await conn.execute(newest, params)
+        page = await cursor.fetchall()
+        if len(page) == limit:
+            return page  # the newest rows hold the whole page: the same as a full search
     everything = sql.SQL("""
         SELECT c.id, c.created_at FROM conversations c
         WHERE c.search @@ websearch_to_tsquery('english', %(query)s) AND {status}
@@ -471,24 +484,28 @@ async def _history_rows(
     conn: AsyncConnection, ids: list[UUID], query: str | None
 ) -> list[HistoryRow]:
     """The history rows of `ids`, in that order; with a query, hits are marked."""
+    # A cut-off excerpt ends with an ellipsis.
+    prompt_start = sql.SQL("translate(left(c.prompt, %(preview)s), %(markers)s, '')")
+    response_start = sql.SQL("translate(left(r.response, %(preview)s), %(markers)s, '')")
     if query:
-        excerpts = sql.SQL("""
-            ts_headline('english', translate(left(c.prompt, %(preview)s), %(markers)s, ''),
-                        websearch_to_tsquery('english', %(query)s),
-                        %(markers_option)s || ', HighlightAll=true') AS prompt,
-            -- The passages around the hits; the answer's start when the hits are in the prompt.
+        prompt_start = sql.SQL("""
+            ts_headline('english', {prompt_start}, websearch_to_tsquery('english', %(query)s),
+                        %(markers_option)s || ', HighlightAll=true')
+        """).format(prompt_start=prompt_start)
+        # The passages around the hits; the answer's start when the hits are in the prompt.
+        response_start = sql.SQL("""
             (SELECT CASE WHEN strpos(h.excerpt, %(hit_start)s) > 0 THEN h.excerpt
-                         ELSE translate(left(r.response, %(preview)s), %(markers)s, '') END
+                         ELSE {response_start} END
              FROM ts_headline('english', translate(left(r.response, %(source)s), %(markers)s, ''),
                               websearch_to_tsquery('english', %(query)s),
-                              %(markers_option)s || ', MaxFragments=2, MaxWords=30, MinWords=12, '
-                              || 'FragmentDelimiter=" … "') AS h(excerpt)) AS response
-        """)
-    else:
-        excerpts = sql.SQL("""
-            translate(left(c.prompt, %(preview)s), %(markers)s, '') AS prompt,
-            translate(left(r.response, %(preview)s), %(markers)s, '') AS response
-        """)
+                              %(markers_option)s || ', MaxFragments=2, MaxWords=18, MinWords=8, '
+                              || 'FragmentDelimiter=" … "') AS h(excerpt))
+        """).format(response_start=response_start)
+    excerpts = sql.SQL("""
+        {prompt_start} || CASE WHEN length(c.prompt) > %(preview)s THEN '…' ELSE '' END AS prompt,
+        {response_start} || CASE WHEN length(r.response) > %(preview)s THEN '…' ELSE '' END
+            AS response
+    """).format(prompt_start=prompt_start, response_start=response_start)
     statement = sql.SQL("""
         SELECT c.id, c.status, c.created_at, c.model, r.chunks, {excerpts}
         FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS page(id, position)

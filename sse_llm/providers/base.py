@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What to ask the model: a chat (OpenAI-style messages), a model, sampling parameters."""
+
+    messages: list[dict[str, Any]]
+    model: str
+    # Only these pass through: temperature, top_p, max_tokens, stop, user.
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_prompt(cls, prompt: str, model: str) -> ModelRequest:
+        """A one-message chat: what POST /stream asks."""
+        return cls([{"role": "user", "content": prompt}], model)
 
 
 class ProviderError(Exception):
@@ -35,7 +51,7 @@ class Provider(Protocol):
     name: str
     model: str
 
-    def stream(self, prompt: str) -> AsyncIterator[str]:
+    def stream(self, request: ModelRequest) -> AsyncIterator[str]:
         """Yield the pieces of the answer as the model emits them."""
         ...
 
@@ -49,3 +65,24 @@ def clean_text(text: str) -> str:
     if text.isascii():
         return text.replace("\x00", "\ufffd") if "\x00" in text else text
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message (text parts joined): what the answer is to."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
+
+
+def message_text(content: object) -> str:
+    """A message's content as text: a string, or the `text` of its text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""

@@ -7,6 +7,8 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 
+from sse_llm.providers.base import ModelRequest, last_user_text
+
 _WORDS = [
     "stream",
     "token",
@@ -68,12 +70,47 @@ class DemoProvider:
         words = words[: self.tokens]
         return [words[0]] + [" " + word for word in words[1:]]
 
-    async def stream(self, prompt: str) -> AsyncIterator[str]:
-        """Yield the answer word by word at the configured pace."""
+    async def stream(self, request: ModelRequest) -> AsyncIterator[str]:
+        """Yield the answer to the last user message word by word, at the configured pace.
+
+        Honours `max_tokens` (fewer words) and `stop` (ends before a stop sequence).
+        """
         pause = 1 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
-        for piece in self.answer(prompt):
+        pieces = self.answer(last_user_text(request.messages))
+        max_tokens = request.parameters.get("max_tokens")
+        if max_tokens:
+            pieces = pieces[:max_tokens]
+        stops = request.parameters.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        if not stops:
+            for piece in pieces:
+                await asyncio.sleep(pause)
+                yield piece
+            return
+        # Text that might be the start of a stop sequence waits until it is known not to be.
+        pending = ""
+        for piece in pieces:
             await asyncio.sleep(pause)
-            yield piece
+            pending += piece
+            hit = min((i for i in (pending.find(stop) for stop in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit:
+                    yield pending[:hit]
+                return
+            held = max(_overlap(pending, stop) for stop in stops)
+            if len(pending) > held:
+                yield pending[: len(pending) - held]
+                pending = pending[len(pending) - held :]
+        if pending:
+            yield pending
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def _overlap(text: str, stop: str) -> int:
+    """How many of text's last characters are the start of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from sse_llm.providers.base import UpstreamError, UpstreamUnavailable, clean_text
+from sse_llm.providers.base import ModelRequest, UpstreamError, UpstreamUnavailable, clean_text
 
 DEFAULT_MODEL = "gpt-4o-mini"
 _MAX_ERROR_BODY = 4096
@@ -37,11 +37,12 @@ class OpenAIProvider:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
         )
 
-    async def stream(self, prompt: str) -> AsyncIterator[str]:
+    async def stream(self, request: ModelRequest) -> AsyncIterator[str]:
         """Yield each `delta.content` of the upstream's SSE stream until `[DONE]`."""
         body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            **request.parameters,
+            "model": request.model,
+            "messages": request.messages,
             "stream": True,
         }
         try:

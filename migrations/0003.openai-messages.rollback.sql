@@ -1,0 +1,1 @@
+ALTER TABLE conversations DROP COLUMN messages, DROP COLUMN parameters;

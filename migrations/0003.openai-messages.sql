@@ -1,0 +1,7 @@
+-- Conversations that came through the OpenAI-compatible front door keep the whole
+-- `messages` array they were asked with, and the sampling parameters passed upstream.
+-- depends: 0001.conversations-and-chunks
+
+ALTER TABLE conversations
+    ADD COLUMN messages jsonb,
+    ADD COLUMN parameters jsonb;
