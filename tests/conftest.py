@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -23,9 +22,7 @@ from sse_llm.app import create_app
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
-
-if TYPE_CHECKING:
-    from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream
 
 
 def free_port() -> int:
@@ -70,7 +67,6 @@ def with_database(url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
     """A fake OpenAI-compatible server on a real socket, shared by the session."""
-    from tests.fake_upstream import FakeUpstream
 
     with FakeUpstream() as fake:
         yield fake
