@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -60,7 +61,7 @@ def test_chunks_arrive_one_by_one_as_the_model_emits_them(
         for line in response.iter_lines():
             if line.startswith("id: "):
                 arrivals.append(time.monotonic())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 3
     assert all(0.2 < gap < 0.5 for gap in gaps), gaps  # not buffered until the end
 
