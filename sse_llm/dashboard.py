@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from sse_llm import __version__, store
+from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
 from sse_llm.store import HIT_START, HIT_STOP, STATUSES
 
@@ -220,6 +221,7 @@ def create_templates() -> Jinja2Templates:
     environment.filters["utc"] = format_utc
     environment.filters["seconds"] = format_seconds
     environment.filters["thousands"] = "{:,}".format
+    environment.filters["message_text"] = message_text
     return Jinja2Templates(env=environment)
 
 

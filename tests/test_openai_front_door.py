@@ -186,3 +186,23 @@ def test_client_dropping_the_stream_does_not_lose_the_answer(base_settings: Sett
     full = chunk_text(events)
     assert full == expected("drop me", 30)
     assert full.startswith(received)
+
+
+def test_dashboard_shows_the_transcript(client: openai.OpenAI, demo_server: RunningServer) -> None:
+    messages = [
+        {"role": "system", "content": "Answer like a <b>pirate</b>."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model="demo", messages=messages, temperature=0.5
+    )
+    page = httpx.get(f"{demo_server.url}/conversations/{raw.headers['x-conversation-id']}")
+    assert page.status_code == 200
+    html = page.text
+    assert "Transcript" in html
+    positions = [html.index(text) for text in ("pirate", "first question", "first answer")]
+    assert positions == sorted(positions)
+    assert "Answer like a &lt;b&gt;pirate&lt;/b&gt;." in html  # escaped, not rendered
+    assert "temperature=0.5" in html
