@@ -21,7 +21,7 @@ from sse_llm.errors import ApiError
 from sse_llm.events import chunk_events, live_events, start_event
 from sse_llm.generation import Generation, Outcome, Subscriber
 from sse_llm.limits import client_key
-from sse_llm.store import STATUSES, Chunk, Conversation
+from sse_llm.store import STATUSES, Chunk, Conversation, NewConversation
 
 # Sent first on attach: how long EventSource waits before reconnecting (ms).
 RETRY_HINT = b"retry: 1000\n\n"
@@ -54,9 +54,8 @@ async def start_generation(
     state = request.app.state
     admit_stream(request)
     # The row exists before the first byte is sent: the id in the headers is real.
-    conversation = await store.create_conversation(
-        state.pool,
-        conversation_id=uuid4(),
+    new = NewConversation(
+        id=uuid4(),
         prompt=prompt,
         model=model or state.provider.model,
         provider=state.provider.name,
@@ -64,6 +63,7 @@ async def start_generation(
         messages=messages,
         parameters=parameters,
     )
+    conversation = await state.writer.create(new)
     generation: Generation = state.generations.start(
         conversation, request.scope.get("state", {}).get("request_id")
     )

@@ -27,7 +27,7 @@ from sse_llm.openapi import openapi_endpoint
 from sse_llm.providers import create_provider
 from sse_llm.request_log import RequestLog
 from sse_llm.resources import resource_dir
-from sse_llm.writer import ChunkWriter
+from sse_llm.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     pool = await open_pool(database_url)
     provider = create_provider(settings)
     metrics = app.state.metrics
-    writer = ChunkWriter(database_url, settings.storage_timeout, metrics)
+    writer = Writer(database_url, settings.storage_timeout, metrics)
     writer.start()
     generations = Generations(provider, writer, pool, settings, metrics)
     lease = InstanceLease(database_url, pool, generations.ids)
@@ -95,6 +95,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.provider = provider
     app.state.generations = generations
+    app.state.writer = writer
     app.state.lease = lease
     app.state.broadcast = broadcast
     drain = asyncio.create_task(_drain_on_exit(app), name="drain-on-exit")

@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sse_llm.writer import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
 _CODES = {
@@ -82,6 +84,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     ApiError: handle_api_error,
+    StorageUnavailable: handle_database_error,
     HTTPException: handle_http_exception,
     psycopg.OperationalError: handle_database_error,
     PoolTimeout: handle_database_error,

@@ -16,13 +16,12 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import store
 from sse_llm.config import Settings
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.providers.base import ModelRequest
-from sse_llm.store import Chunk, Conversation
-from sse_llm.writer import ChunkWriter
+from sse_llm.store import Chunk, Conversation, Ending
+from sse_llm.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class Generation:
         self,
         conversation: Conversation,
         provider: Provider,
-        writer: ChunkWriter,
+        writer: Writer,
         pool: AsyncConnectionPool,
         settings: Settings,
         metrics: Metrics,
@@ -147,7 +146,12 @@ class Generation:
             produced.status, self.persisted, produced.error_code, produced.error_message
         )
         if not self.storage_failed:
-            await self._record(outcome)
+            ending = Ending(self.id, outcome.status, outcome.error_code, outcome.error_message)
+            if not await self._writer.finish(ending):
+                failed = self._stopped_outcome("storage_unavailable")
+                outcome = Outcome(
+                    failed.status, self.persisted, failed.error_code, failed.error_message
+                )
         self.outcome = outcome
         for subscriber in self._subscribers:
             subscriber.finish(outcome)
@@ -246,29 +250,6 @@ class Generation:
         message = "The service stopped while this answer was streaming."
         return Outcome("interrupted", 0, "interrupted", message)
 
-    async def _record(self, outcome: Outcome) -> None:
-        """Write the end into the conversation row, retrying while the database is away."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.storage_timeout
-        delay = 0.05
-        while True:
-            try:
-                await store.finish_conversation(
-                    self._pool,
-                    self.id,
-                    status=outcome.status,
-                    error_code=outcome.error_code,
-                    error_message=outcome.error_message,
-                )
-                return
-            except Exception as exc:  # the database is away or the pool timed out
-                if loop.time() + delay > deadline:
-                    # The row stays `streaming`; the heartbeat's recovery marks it later.
-                    log.error("could not record the end of %s: %s", self.id, exc)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
 
 class Generations:
     """Owns every running generation of this process: starts, finds, stops them."""
@@ -276,7 +257,7 @@ class Generations:
     def __init__(
         self,
         provider: Provider,
-        writer: ChunkWriter,
+        writer: Writer,
         pool: AsyncConnectionPool,
         settings: Settings,
         metrics: Metrics,

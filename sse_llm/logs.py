@@ -59,6 +59,8 @@ def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, A
         "loggers": {
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            # One line per upstream request at INFO would double the log volume.
+            "httpx": {"level": "WARNING"},
             # Our request log replaces uvicorn's access log (it also has the request id).
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },

@@ -53,6 +53,29 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class NewConversation:
+    """A conversation about to be created: what POST /stream or /v1 was asked."""
+
+    id: UUID
+    prompt: str
+    model: str
+    provider: str
+    owner_id: UUID
+    messages: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a generation ended, to be recorded in its conversation."""
+
+    conversation_id: UUID
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
 class Status:
     """A conversation's progress: its status, persisted chunk count and error."""
 
@@ -86,40 +109,38 @@ _CONVERSATION_COLUMNS = sql.SQL("""
 """)
 
 
-async def create_conversation(
-    pool: AsyncConnectionPool,
-    *,
-    conversation_id: UUID,
-    prompt: str,
-    model: str,
-    provider: str,
-    owner_id: UUID,
-    messages: list[dict[str, Any]] | None = None,
-    parameters: dict[str, Any] | None = None,
-) -> Conversation:
-    """Insert a new conversation in status `streaming`, owned by this service instance."""
+async def insert_conversations(
+    conn: AsyncConnection, conversations: Sequence[NewConversation]
+) -> list[Conversation]:
+    """Insert new conversations in status `streaming`, in one statement; return their rows.
+
+    A retry after a lost acknowledgement finds the rows there and returns them again.
+    """
     query = sql.SQL("""
         INSERT INTO conversations AS c
             (id, prompt, model, provider, owner_id, messages, parameters)
-        VALUES (%(id)s, %(prompt)s, %(model)s, %(provider)s, %(owner_id)s,
-                %(messages)s, %(parameters)s)
+        SELECT * FROM unnest(%(ids)s::uuid[], %(prompts)s::text[], %(models)s::text[],
+                             %(providers)s::text[], %(owners)s::uuid[], %(messages)s::jsonb[],
+                             %(parameters)s::jsonb[])
+        ON CONFLICT (id) DO UPDATE SET id = excluded.id
         RETURNING {columns}
     """).format(columns=_CONVERSATION_COLUMNS)
     params = {
-        "id": conversation_id,
-        "prompt": prompt,
-        "model": model,
-        "provider": provider,
-        "owner_id": owner_id,
-        "messages": Jsonb(messages) if messages is not None else None,
-        "parameters": Jsonb(parameters) if parameters is not None else None,
+        "ids": [c.id for c in conversations],
+        "prompts": [c.prompt for c in conversations],
+        "models": [c.model for c in conversations],
+        "providers": [c.provider for c in conversations],
+        "owners": [c.owner_id for c in conversations],
+        "messages": [_json_or_none(c.messages) for c in conversations],
+        "parameters": [_json_or_none(c.parameters) for c in conversations],
     }
-    async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(Conversation))
-        await cursor.execute(query, params)
-        row = await cursor.fetchone()
-    assert row is not None
-    return row
+    cursor = conn.cursor(row_factory=class_row(Conversation))
+    await cursor.execute(query, params)
+    return await cursor.fetchall()
+
+
+def _json_or_none(value: object) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
 
 
 async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
@@ -136,6 +157,7 @@ async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
         WITH inserted AS (
             INSERT INTO chunks (conversation_id, seq, text)
             SELECT * FROM unnest(%(ids)s::uuid[], %(seqs)s::int[], %(texts)s::text[])
+            ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
         )
         SELECT pg_notify('sse_llm_chunks', payload) FROM unnest(%(payloads)s::text[]) AS payload
         """,
@@ -148,44 +170,40 @@ async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
     )
 
 
-async def finish_conversation(
-    pool: AsyncConnectionPool,
-    conversation_id: UUID,
-    *,
-    status: str,
-    error_code: str | None = None,
-    error_message: str | None = None,
-) -> bool:
-    """Record how a generation ended and assemble its response from its chunks, once.
+async def finish_conversations(conn: AsyncConnection, ends: Sequence[Ending]) -> None:
+    """Record how generations ended and assemble each response from its chunks, once.
 
-    Only a conversation still `streaming` changes, so a late writer never overwrites
-    an end that was already recorded. Returns whether this call recorded it.
+    Only conversations still `streaming` change, so a late writer never overwrites an
+    end already recorded (by recovery, say). Followers in other processes are notified.
     """
-    query = """
+    await conn.execute(
+        """
         UPDATE conversations AS c
-        SET status = %(status)s,
+        SET status = e.status,
             completed_at = now(),
-            error_code = %(error_code)s,
-            error_message = %(error_message)s,
+            error_code = e.error_code,
+            error_message = e.error_message,
             response = coalesce(k.response, ''),
             chunk_count = k.count,
             first_chunk_at = k.first_at,
             owner_id = NULL
-        FROM (SELECT string_agg(text, '' ORDER BY seq) AS response,
-                     count(*)::int AS count, min(created_at) AS first_at
-              FROM chunks WHERE conversation_id = %(id)s) AS k
-        WHERE c.id = %(id)s AND c.status = 'streaming'
+        FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
+                    %(messages)s::text[]) AS e(id, status, error_code, error_message)
+        CROSS JOIN LATERAL (
+            SELECT string_agg(text, '' ORDER BY seq) AS response,
+                   count(*)::int AS count, min(created_at) AS first_at
+            FROM chunks WHERE conversation_id = e.id
+        ) AS k
+        WHERE c.id = e.id AND c.status = 'streaming'
         RETURNING pg_notify('sse_llm_chunks', c.id::text)
-    """
-    params = {
-        "id": conversation_id,
-        "status": status,
-        "error_code": error_code,
-        "error_message": error_message,
-    }
-    async with pool.connection() as conn:
-        cursor = await conn.execute(query, params)
-        return cursor.rowcount == 1
+        """,
+        {
+            "ids": [e.conversation_id for e in ends],
+            "statuses": [e.status for e in ends],
+            "codes": [e.error_code for e in ends],
+            "messages": [e.error_message for e in ends],
+        },
+    )
 
 
 async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> Conversation | None:

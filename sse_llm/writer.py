@@ -1,8 +1,9 @@
-"""The chunk writer: every stream of this process persists through it, in batches.
+"""The writer: every write of the streaming path goes through it, in batches.
 
-Group commit: while one batch is being written, the chunks that arrive wait together
-and go in the next single INSERT. A lone stream gets its chunk written at once (the batch
-holds one chunk); a thousand streams cost one transaction per batch, not per chunk.
+Group commit: while one batch is being written, new conversations, chunks and ends
+arrive and wait together; the next batch writes them all in one transaction. A lone
+stream gets its chunk written at once (the batch holds one chunk); a thousand streams
+cost one transaction per batch, not one per chunk, and never queue for the pool.
 Only once a batch is committed are its chunks handed to their generations, which pass
 them on to subscribers: no client ever sees a chunk that is not on disk.
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import psycopg
 
 from sse_llm import store
 from sse_llm.metrics import Metrics
-from sse_llm.store import Chunk
+from sse_llm.store import Chunk, Conversation, Ending, NewConversation
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,30 @@ class ChunkOwner(Protocol):
         """A batch holding this owner's chunks could not be stored."""
 
 
-class ChunkWriter:
-    """Persists chunks in batches on one dedicated connection, retrying through outages."""
+@dataclass
+class _Batch:
+    """What waits for the next transaction."""
+
+    creates: list[tuple[NewConversation, asyncio.Future[Conversation]]] = field(
+        default_factory=list
+    )
+    chunks: list[tuple[Chunk, ChunkOwner]] = field(default_factory=list)
+    ends: list[tuple[Ending, asyncio.Future[bool]]] = field(default_factory=list)
+    # One future for all the chunks of the batch: no allocation per chunk.
+    chunks_done: asyncio.Future[bool] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.creates or self.chunks or self.ends)
+
+
+class Writer:
+    """Writes batches on one dedicated connection, retrying through database outages."""
 
     def __init__(self, database_url: str, storage_timeout: float, metrics: Metrics) -> None:
         self._database_url = database_url
-        self._metrics = metrics
         self._storage_timeout = storage_timeout
-        self._pending: list[tuple[Chunk, ChunkOwner]] = []
-        self._pending_done: asyncio.Future[bool] | None = None
+        self._metrics = metrics
+        self._pending = _Batch()
         self._wake = asyncio.Event()
         self._closing = False
         self._connection: psycopg.AsyncConnection | None = None
@@ -55,7 +72,7 @@ class ChunkWriter:
 
     def start(self) -> None:
         """Start the background task that writes batches."""
-        self._task = asyncio.create_task(self._run(), name="chunk-writer")
+        self._task = asyncio.create_task(self._run(), name="writer")
 
     async def close(self) -> None:
         """Write what is pending, then stop."""
@@ -66,14 +83,29 @@ class ChunkWriter:
         if self._connection is not None:
             await self._connection.close()
 
+    def create(self, conversation: NewConversation) -> asyncio.Future[Conversation]:
+        """Queue a new conversation; the future gives its row once committed."""
+        future: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
+        self._pending.creates.append((conversation, future))
+        self._wake.set()
+        return future
+
     def write(self, chunk: Chunk, owner: ChunkOwner) -> asyncio.Future[bool]:
         """Queue a chunk; the future resolves True once its batch is committed and published,
         False if the batch could not be stored."""
-        if self._pending_done is None:
-            self._pending_done = asyncio.get_running_loop().create_future()
-        self._pending.append((chunk, owner))
+        pending = self._pending
+        if pending.chunks_done is None:
+            pending.chunks_done = asyncio.get_running_loop().create_future()
+        pending.chunks.append((chunk, owner))
         self._wake.set()
-        return self._pending_done
+        return pending.chunks_done
+
+    def finish(self, ending: Ending) -> asyncio.Future[bool]:
+        """Queue the end of a generation; the future says whether it was stored."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.ends.append((ending, future))
+        self._wake.set()
+        return future
 
     async def _run(self) -> None:
         while True:
@@ -83,53 +115,94 @@ class ChunkWriter:
                 if self._closing:
                     return
                 continue
-            batch, self._pending = self._pending, []
-            done, self._pending_done = self._pending_done, None
-            assert done is not None
+            batch, self._pending = self._pending, _Batch()
             await self._write_batch(batch)
-            done.set_result(not all(owner.storage_failed for _, owner in batch))
 
-    async def _write_batch(self, batch: list[tuple[Chunk, ChunkOwner]]) -> None:
+    async def _write_batch(self, batch: _Batch) -> None:
         # An owner whose earlier batch failed must not get later chunks stored: that
         # would leave a gap in its sequence.
-        batch = [(chunk, owner) for chunk, owner in batch if not owner.storage_failed]
-        if not batch:
-            return
-        chunks = [chunk for chunk, _ in batch]
+        batch.chunks = [(c, owner) for c, owner in batch.chunks if not owner.storage_failed]
         started = time.monotonic()
         try:
-            await self._persist(chunks)
-        except StorageUnavailable:
-            for _, owner in batch:
-                if not owner.storage_failed:
-                    owner.fail_storage()
+            rows = await self._persist(batch)
+        except StorageUnavailable as exc:
+            self._fail(batch, exc)
             return
-        for chunk, owner in batch:
+        by_id = {row.id: row for row in rows}
+        for conversation, future in batch.creates:
+            if not future.done():
+                future.set_result(by_id[conversation.id])
+        for chunk, owner in batch.chunks:
             owner.publish(chunk)
-        self._metrics.observe_batch(chunks, time.monotonic() - started)
+        for _, future in batch.ends:
+            future.set_result(True)
+        if batch.chunks_done is not None:
+            batch.chunks_done.set_result(True)
+        if batch.chunks:
+            self._metrics.observe_batch([c for c, _ in batch.chunks], time.monotonic() - started)
 
-    async def _persist(self, chunks: list[Chunk]) -> None:
-        """Insert the chunks; on a connection problem reconnect and retry with backoff."""
+    def _fail(self, batch: _Batch, exc: StorageUnavailable) -> None:
+        for _, future in batch.creates:
+            if not future.done():
+                future.set_exception(exc)
+        for _, owner in batch.chunks:
+            if not owner.storage_failed:
+                owner.fail_storage()
+        for _, future in batch.ends:
+            future.set_result(False)
+        if batch.chunks_done is not None:
+            batch.chunks_done.set_result(False)
+
+    async def _persist(self, batch: _Batch) -> list[Conversation]:
+        """Write the batch in one transaction; on a connection problem retry with backoff.
+
+        New conversations are not held through an outage: their requests get their
+        error at once, since no client has seen anything of them yet.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._storage_timeout
         delay = 0.05
         while True:
             try:
-                connection = await self._connect()
-                await store.insert_chunks(connection, chunks)
-                return
+                return await self._transaction(batch)
             except psycopg.OperationalError as exc:
                 await self._disconnect()
-                if loop.time() + delay > deadline:
-                    log.error("giving up on a batch of %d chunks: %s", len(chunks), exc)
+                self._fail_creates(batch, exc)
+                if not (batch.chunks or batch.ends) or loop.time() + delay > deadline:
+                    log.error("giving up on a batch: %s", exc)
                     raise StorageUnavailable(str(exc)) from exc
-                log.warning("database unavailable, retrying a batch of %d chunks", len(chunks))
+                log.warning(
+                    "database unavailable, retrying a batch of %d chunks", len(batch.chunks)
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except psycopg.Error as exc:
                 # Not a connection problem: retrying would fail the same way.
-                log.error("could not store a batch of %d chunks: %s", len(chunks), exc)
+                log.error("could not store a batch: %s", exc)
                 raise StorageUnavailable(str(exc)) from exc
+
+    def _fail_creates(self, batch: _Batch, exc: Exception) -> None:
+        for _, future in batch.creates:
+            if not future.done():
+                future.set_exception(StorageUnavailable(str(exc)))
+        batch.creates = []
+
+    async def _transaction(self, batch: _Batch) -> list[Conversation]:
+        connection = await self._connect()
+        chunks = [chunk for chunk, _ in batch.chunks]
+        if not batch.creates and not batch.ends:
+            await store.insert_chunks(connection, chunks)  # one statement: no BEGIN needed
+            return []
+        rows: list[Conversation] = []
+        async with connection.transaction():
+            if batch.creates:
+                new = [conversation for conversation, _ in batch.creates]
+                rows = await store.insert_conversations(connection, new)
+            if chunks:
+                await store.insert_chunks(connection, chunks)
+            if batch.ends:
+                await store.finish_conversations(connection, [e for e, _ in batch.ends])
+        return rows
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is None or self._connection.closed:

@@ -199,17 +199,19 @@ def test_two_workers_serve_streams(database_url: str) -> None:
     assert server.log().count("Started server process") == 2
 
 
-def test_a_starting_process_leaves_live_streams_alone(
-    process_a: ServerProcess, database_url: str
-) -> None:
-    stream = BackgroundStream(process_a.url, "do not touch")
-    stream.wait_chunks(2)
-    newcomer = spawn_server(database_url)  # runs its startup recovery now
+def test_a_starting_process_leaves_live_streams_alone(database_url: str) -> None:
+    owner = spawn_server(database_url, DEMO_TOKENS="100", DEMO_TOKENS_PER_SECOND="20")
     try:
-        assert stored(database_url, stream.conversation_id)[0] == "streaming"
-        events = stream.join()
+        stream = BackgroundStream(owner.url, "do not touch")
+        stream.wait_chunks(2)
+        newcomer = spawn_server(database_url)  # runs its startup recovery now
+        try:
+            assert stored(database_url, stream.conversation_id)[0] == "streaming"
+            events = stream.join()
+        finally:
+            newcomer.stop()
     finally:
-        newcomer.stop()
+        owner.stop()
     assert events[-1].event == "done"
     assert stored(database_url, stream.conversation_id)[0] == "completed"
 
