@@ -149,7 +149,7 @@ async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
     One statement, so one round trip and one transaction per batch however many
     streams it holds; the notification is sent only if the rows are committed.
     """
-    ids = list(dict.fromkeys(str(chunk.conversation_id) for chunk in chunks))
+    ids = [str(i) for i in dict.fromkeys(chunk.conversation_id for chunk in chunks)]
     # A NOTIFY payload holds under 8000 bytes: about 200 ids each.
     payloads = [",".join(ids[i : i + 200]) for i in range(0, len(ids), 200)]
     await conn.execute(

@@ -28,7 +28,8 @@ class OpenAIProvider:
     ) -> None:
         self.model = model or DEFAULT_MODEL
         self._url = base_url.rstrip("/") + "/chat/completions"
-        headers = {"Accept": "text/event-stream"}
+        # Identity: the stream is read as raw bytes, and compressing SSE only delays it.
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         # httpx's API on aiohttp's connection pool: httpx's own pool costs several times
@@ -70,27 +71,35 @@ class OpenAIProvider:
 
 
 async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
+    """The `delta.content` of each `data:` line, until `[DONE]`.
+
+    Lines are split from the raw bytes and JSON is parsed from bytes: httpx's text and
+    line decoders cost about a tenth of the server's CPU at high concurrency.
+    """
     finished = False
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue  # comments, event names, blank separators
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        event = _parse_event(data)
-        if "error" in event:
-            raise UpstreamError(f"The model server reported an error: {_error_text(event)}")
-        for choice in event.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                yield clean_text(content)
-            if choice.get("finish_reason"):
-                finished = True
+    tail = b""
+    async for data in response.aiter_raw():
+        *lines, tail = (tail + data).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # comments, event names, blank separators
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            event = _parse_event(payload)
+            if "error" in event:
+                raise UpstreamError(f"The model server reported an error: {_error_text(event)}")
+            for choice in event.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    yield clean_text(content)
+                if choice.get("finish_reason"):
+                    finished = True
     if not finished:
         raise UpstreamError("The model server ended the stream before the answer was complete.")
 
 
-def _parse_event(data: str) -> dict[str, Any]:
+def _parse_event(data: bytes) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError:

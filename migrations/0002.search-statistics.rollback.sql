@@ -1,0 +1,1 @@
+ALTER TABLE conversations ALTER COLUMN search SET STATISTICS -1;
