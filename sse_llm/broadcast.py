@@ -20,8 +20,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
-from sse_llm.generation import Outcome
-from sse_llm.store import Chunk
+from sse_llm.store import Chunk, Conversation, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +141,8 @@ async def follow_remote(
         broadcast.unwatch(conversation_id, news)
 
 
-def outcome_of(conversation: store.Status | None, chunks: int) -> Outcome:
-    """The Outcome recorded in a conversation row that has ended."""
+def outcome_of(conversation: Conversation | Outcome | None, chunks: int) -> Outcome:
+    """How a conversation that has ended ended, as its row records it."""
     if conversation is None:
         return Outcome("failed", chunks, "not_found", "The conversation was deleted.")
     return Outcome(

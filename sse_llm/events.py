@@ -6,8 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from uuid import UUID
 
-from sse_llm.generation import Outcome
-from sse_llm.store import Chunk, Conversation
+from sse_llm.store import Chunk, Conversation, Outcome
 
 
 def _json(value: object) -> str:

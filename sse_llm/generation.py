@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
@@ -20,20 +19,10 @@ from sse_llm.config import Settings
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.providers.base import ModelRequest
-from sse_llm.store import Chunk, Conversation, Ending
+from sse_llm.store import Chunk, Conversation, Ending, Outcome
 from sse_llm.writer import Writer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a generation ended; `chunks` is how many were persisted."""
-
-    status: str
-    chunks: int
-    error_code: str | None = None
-    error_message: str | None = None
 
 
 class Subscriber:

@@ -18,9 +18,9 @@ from starlette.routing import Route
 
 from sse_llm.api import closing, read_json_object, start_generation
 from sse_llm.errors import ApiError
-from sse_llm.generation import Outcome, Subscriber
+from sse_llm.generation import Subscriber
 from sse_llm.providers.base import last_user_text, message_text
-from sse_llm.store import Chunk, Conversation
+from sse_llm.store import Chunk, Conversation, Outcome
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Sampling parameters passed through to the provider, with their checks.
@@ -161,7 +161,7 @@ def parse_call(body: dict[str, Any], max_prompt_chars: int) -> Call:
             raise OpenAIError(400, f"'{name}' must not contain NUL characters.", param=name)
     if body.get("n", 1) != 1:
         raise OpenAIError(400, "Only n=1 is supported.", param="n", code="unsupported_value")
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), max_prompt_chars)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise OpenAIError(400, "'model' must be a non-empty string.", param="model")
@@ -186,7 +186,7 @@ def parse_call(body: dict[str, Any], max_prompt_chars: int) -> Call:
     return call
 
 
-def _messages(messages: object) -> list[dict[str, Any]]:
+def _messages(messages: object, max_chars: int) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(400, "'messages' must be a non-empty array.", param="messages")
     for index, message in enumerate(messages):
@@ -206,8 +206,9 @@ def _messages(messages: object) -> list[dict[str, Any]]:
                     raise OpenAIError(400, f"{param}: only text content is supported.", param=param)
         elif not isinstance(content, str):
             raise OpenAIError(400, f"{param}.content must be text.", param=param)
-        if "\x00" in message_text(content):
-            raise OpenAIError(400, f"{param}.content must not contain NUL.", param=param)
+        if len(message_text(content)) > max_chars:
+            message = f"{param}.content is longer than {max_chars} characters."
+            raise OpenAIError(400, message, param=param, code="context_length_exceeded")
     if not any(message["role"] == "user" for message in messages):
         raise OpenAIError(400, "'messages' needs at least one user message.", param="messages")
     try:

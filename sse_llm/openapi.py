@@ -167,7 +167,12 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "schema": {"type": "string", "maxLength": 1000, "pattern": _NO_NUL},
                         "description": 'Web search syntax: words, "phrases", -excluded, or.',
                     },
-                    {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"enum": [*STATUSES, ""]},
+                        "description": "Only this status; empty means any.",
+                    },
                 ],
                 "responses": {
                     "200": _json("HistoryPage", "A page of conversations."),

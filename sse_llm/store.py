@@ -76,13 +76,13 @@ class Ending:
 
 
 @dataclass(frozen=True)
-class Status:
-    """A conversation's progress: its status, persisted chunk count and error."""
+class Outcome:
+    """Where a generation stands or how it ended: status, persisted chunks, error."""
 
     status: str
     chunks: int
-    error_code: str | None
-    error_message: str | None
+    error_code: str | None = None
+    error_message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ async def interrupt_conversations(
         return [row[0] for row in await cursor.fetchall()]
 
 
-async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Status | None:
+async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Outcome | None:
     """How far a conversation got, without its text."""
     query = """
         SELECT c.status,
@@ -334,7 +334,7 @@ async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Status
         FROM conversations c WHERE c.id = %(id)s
     """
     async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(Status))
+        cursor = conn.cursor(row_factory=class_row(Outcome))
         await cursor.execute(query, {"id": conversation_id})
         return await cursor.fetchone()
 

@@ -1,12 +1,29 @@
 """A fake OpenAI-compatible Chat Completions server on a real socket, scripted per prompt.
 
 The tests point the `openai` provider at it instead of patching an HTTP client, so the
-real httpx code path runs: connect, status codes, chunked SSE, broken connections.
-It runs its own event loop in a thread, so sync and async tests can both use it.
+real client code path runs: connect, status codes, chunked SSE, broken connections.
+It speaks just enough HTTP/1.1 by hand (asyncio streams, standard library only) and
+runs its own event loop in a thread, so sync and async tests can both use it.
 
-Without a script, a prompt is answered with the words of `"Echo: " + prompt`, each its
-own chunk with its leading space ("Echo:", " hello", " world"): their concatenation is
-exactly "Echo: " + prompt when the prompt's words are separated by single spaces.
+Routes:
+    POST /v1/chat/completions  answered as the prompt's `Script` says (see below)
+    GET  /v1/models            one model, "fake-model"
+    anything else              404 with an OpenAI-style JSON error
+
+A prompt is the content of the request's LAST user message. Without a script it is
+answered with `"Echo: " + prompt` split on single spaces, each piece its own chunk with
+its leading space: "Echo:", " hello", " world". Joining the chunks gives back exactly
+"Echo: " + prompt (runs of spaces just make chunks that are a lone space), so for a
+prompt whose words are separated by single spaces, every chunk is one word.
+
+A streamed answer is: the headers, at once an event whose delta is
+{"role": "assistant", "content": ""} (as OpenAI sends), then one event per chunk, each
+its own HTTP chunk flushed immediately, then the script's ending.
+
+    with FakeUpstream() as upstream:
+        upstream.script("slow", Script(["a", " b"], delay=0.5, then="stall"))
+        ...  # point the app at upstream.base_url
+        assert upstream.closed_streams() == 1
 """
 
 from __future__ import annotations
@@ -17,220 +34,401 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
+
+# What Script.then may be; checked up front so a typo fails loudly, not as a odd timeout.
+ENDINGS = ("done", "stall", "drop", "error_event")
+
+MODELS = {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
 
 
 @dataclass
 class Script:
     """What the fake upstream answers to one prompt."""
 
+    # Delta contents, one SSE event each. Defaults to empty so an error script can be
+    # written as Script(status=500).
     chunks: list[str] = field(default_factory=list)
     delay: float = 0.0  # seconds before each chunk
-    first_delay: float | None = None  # before the first chunk (default: delay)
-    # After the chunks: "done" (finish_reason stop, then [DONE]), "stall" (send nothing
-    # more until the client goes away), "drop" (cut the connection mid-body),
-    # "error_event" (an OpenAI error object in the stream, then a clean end).
+    first_delay: float | None = None  # seconds before the first chunk (default: delay)
+    # After the chunks:
+    #   "done"        finish_reason "stop", then `data: [DONE]`, then the end of the body
+    #   "stall"       send nothing more until the client closes or the server stops
+    #   "drop"        close the TCP connection abruptly, mid-body (no terminating chunk)
+    #   "error_event" an OpenAI error object as an event, then the end of the body
     then: str = "done"
-    status: int = 200  # not 200: answer with an OpenAI error body instead of a stream
+    status: int = 200  # not 200: answer this status with an OpenAI JSON error, no stream
     error_message: str = "fake upstream failure"
+
+    def __post_init__(self) -> None:
+        """Reject an unknown `then` when the script is written, not when it is played."""
+        if self.then not in ENDINGS:
+            raise ValueError(f"Script.then must be one of {ENDINGS}, not {self.then!r}")
 
 
 class FakeUpstream:
-    """The server. Use as a context manager, or start() and stop()."""
+    """The server. Use as a context manager, or call start() and stop()."""
 
     def __init__(self) -> None:
+        """Prepare an unstarted server; nothing listens until start()."""
+        # Public, for assertions: the JSON body and the headers (lower-cased names) of
+        # every chat completions request, at the same index in both lists.
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.port = 0
         self._scripts: dict[str, Script] = {}
         self._closed_streams = 0
+        # The test thread reads what the server thread writes, so both go through this.
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
-        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        # Only touched on the server's loop: the per-connection tasks, so stop() can
+        # cancel the ones stuck in a stall instead of waiting for them forever.
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._stopping = False
 
     @property
     def base_url(self) -> str:
+        """The URL to give an OpenAI client, e.g. "http://127.0.0.1:41234/v1"."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> FakeUpstream:
+        """Listen on a free port of 127.0.0.1 in a background thread; return self."""
+        if self._thread is not None:
+            raise RuntimeError("FakeUpstream.start() was already called")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fake-upstream", daemon=True
+        )
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        future.result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=10)
         return self
 
     def stop(self) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._stop(), self._loop)
-        future.result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        """Close the listener and every connection, then end the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return  # never started, or already stopped
+        # Bounded waits everywhere: a stuck fake must not hang the whole test session.
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
 
     def __enter__(self) -> FakeUpstream:
+        """Start, for `with FakeUpstream() as upstream:`."""
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop, whatever happened in the block."""
         self.stop()
 
     def script(self, prompt: str, script: Script) -> None:
-        """Answer requests whose last user message is `prompt` this way."""
+        """Answer requests whose last user message is exactly `prompt` this way."""
         with self._lock:
             self._scripts[prompt] = script
 
     def closed_streams(self) -> int:
-        """How many streaming answers ended because the client closed the connection."""
+        """How many streamed answers ended because the client closed the connection."""
         with self._lock:
             return self._closed_streams
 
-    async def _start(self) -> None:
+    # Everything below runs on the server's own event loop.
+
+    async def _open(self) -> None:
+        """Bind port 0 so the OS picks a free port, then remember which one it was."""
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._connections):
-            writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 5)
+    async def _close(self) -> None:
+        """Stop accepting, cancel every connection (stalls included) and wait for them."""
+        self._stopping = True  # so cancelled stalls are not counted as client closes
+        if self._server is not None:
+            self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(writer)
+        """Answer requests on one connection until either side closes it (keep-alive)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
         try:
-            while await self._handle_one(reader, writer):
-                pass
+            while not self._stopping:
+                request = await _read_request(reader)
+                if request is None:
+                    break  # the client closed an idle connection
+                if not await self._answer(request, reader, writer):
+                    break
+        except _BadRequest as error:
+            with contextlib.suppress(ConnectionError):
+                body = _error_body(str(error), "invalid_request_error")
+                await _send_json(writer, 400, body, keep_alive=False)
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the client went away in the middle of a request: no one to answer
+        except asyncio.CancelledError:
+            # stop() cancels us. Ending normally instead of as "cancelled" avoids a
+            # spurious traceback that Python 3.11's stream callback logs for those.
+            if not self._stopping:
+                raise
         finally:
-            self._connections.discard(writer)
+            self._connections.discard(task)
             writer.close()
 
-    async def _handle_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; return whether the connection stays open for another."""
-        request_line = await reader.readline()
-        if not request_line:
-            return False
-        method, path, _ = request_line.decode("latin-1").split(" ", 2)
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-        keep_alive = headers.get("connection", "").lower() != "close"
-        if method == "GET" and path == "/v1/models":
-            models = {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
-            await self._send_json(writer, 200, models)
-            return keep_alive
-        if method != "POST" or path != "/v1/chat/completions":
-            await self._send_json(writer, 404, {"error": {"message": "not found"}})
-            return keep_alive
-        request = json.loads(body)
-        with self._lock:
-            self.requests.append(request)
-            self.headers.append(headers)
-        prompt = _last_user_text(request.get("messages", []))
-        with self._lock:
-            script = self._scripts.get(prompt) or Script(_echo(prompt))
-        if script.status != 200:
-            error = {"message": script.error_message, "type": "server_error", "code": None}
-            await self._send_json(writer, script.status, {"error": error})
-            return keep_alive
-        if not request.get("stream"):
-            await self._send_json(writer, 200, _completion(request, "".join(script.chunks)))
-            return keep_alive
-        return await self._stream(reader, writer, request, script) and keep_alive
-
-    async def _stream(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: dict[str, Any],
-        script: Script,
+    async def _answer(
+        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\n"
-        )
-        model = request.get("model", "fake-model")
+        """Answer one request; return whether the connection stays open for another."""
+        keep_alive = request.keep_alive
+        if request.method == "GET" and request.path == "/v1/models":
+            await _send_json(writer, 200, MODELS, keep_alive)
+            return keep_alive
+        if request.method != "POST" or request.path != "/v1/chat/completions":
+            message = f"no route for {request.method} {request.path}"
+            body = _error_body(message, "invalid_request_error", "not_found")
+            await _send_json(writer, 404, body, keep_alive)
+            return keep_alive
         try:
-            await _send_chunk(writer, _event(model, {"role": "assistant", "content": ""}))
-            for index, text in enumerate(script.chunks):
-                pause = (
-                    script.first_delay
-                    if index == 0 and script.first_delay is not None
-                    else script.delay
-                )
-                await asyncio.sleep(pause)
-                await _send_chunk(writer, _event(model, {"content": text}))
-            if script.then == "stall":
-                await reader.read()  # until the client closes the connection
-                raise ConnectionResetError
-            if script.then == "drop":
-                writer.transport.abort()  # no terminating chunk: the body is cut short
-                return False
-            if script.then == "error_event":
-                error = {"error": {"message": script.error_message, "type": "server_error"}}
-                await _send_chunk(writer, f"data: {json.dumps(error)}\n\n".encode())
-            else:
-                await _send_chunk(writer, _event(model, {}, finish_reason="stop"))
-                await _send_chunk(writer, b"data: [DONE]\n\n")
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            return True
-        except ConnectionError:
+            payload = json.loads(request.body)
+        except ValueError:  # also covers bytes that are not UTF-8
+            payload = None
+        if not isinstance(payload, dict):
+            body = _error_body("the body must be a JSON object", "invalid_request_error")
+            await _send_json(writer, 400, body, keep_alive)
+            return keep_alive
+
+        prompt = _last_user_text(payload.get("messages"))
+        with self._lock:
+            # Appended together so requests[i] and headers[i] are the same request.
+            self.requests.append(payload)
+            self.headers.append(request.headers)
+            script = self._scripts.get(prompt) or Script(echo_chunks(prompt))
+        model = payload.get("model") or "fake-model"
+
+        if script.status != 200:
+            error_type = "server_error" if script.status >= 500 else "invalid_request_error"
+            body = _error_body(script.error_message, error_type, str(script.status))
+            await _send_json(writer, script.status, body, keep_alive)
+            return keep_alive
+        if payload.get("stream") is not True:
+            # Not streamed: the whole text at once; pacing and `then` do not apply.
+            await _send_json(writer, 200, _completion(model, "".join(script.chunks)), keep_alive)
+            return keep_alive
+        try:
+            ended_properly = await _stream(reader, writer, model, script, keep_alive)
+        except (_ClientGone, ConnectionError):
             with self._lock:
                 self._closed_streams += 1
             return False
-
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: object) -> None:
-        data = json.dumps(body).encode()
-        writer.write(
-            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
-        await writer.drain()
+        return ended_properly and keep_alive
 
 
-async def _send_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
-    """One HTTP chunk, flushed, so the client sees it now."""
-    if writer.is_closing():
-        raise ConnectionResetError
+@dataclass
+class _Request:
+    """One HTTP request as read off the socket."""
+
+    method: str
+    path: str  # without the query string
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    keep_alive: bool  # whether the client lets us answer another request afterwards
+
+
+class _BadRequest(Exception):
+    """The bytes on the wire are not an HTTP/1.x request this fake understands."""
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while we were still answering."""
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """Read one request (line, headers, Content-Length body); None if the client left."""
+    try:
+        line = await reader.readline()
+        if not line:
+            return None
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(f"malformed request line: {line!r}")
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n"):
+            if not line:
+                raise ConnectionResetError("the client closed the connection mid-headers")
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon:
+                raise _BadRequest(f"malformed header line: {line!r}")
+            headers[name.strip().lower()] = value.strip()
+    except ValueError as error:  # readline's "line too long"
+        raise _BadRequest(str(error)) from None
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise _BadRequest("chunked request bodies are not supported")  # clients send JSON
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise _BadRequest("Content-Length is not a number") from None
+    if length < 0:
+        raise _BadRequest("Content-Length is negative")
+    body = await reader.readexactly(length)
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 the other way round.
+    keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+    return _Request(method, target.split("?", 1)[0], headers, body, keep_alive)
+
+
+async def _stream(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    model: str,
+    script: Script,
+    keep_alive: bool,
+) -> bool:
+    """Play `script` as an OpenAI event stream; return whether the body ended properly.
+
+    Raises _ClientGone (or ConnectionError) when the client closes the connection first.
+    """
+    head = (
+        "HTTP/1.1 200 OK\r\n"
+        "Content-Type: text/event-stream\r\n"
+        "Cache-Control: no-cache\r\n"
+        "Transfer-Encoding: chunked\r\n" + ("" if keep_alive else "Connection: close\r\n") + "\r\n"
+    )
+    writer.write(head.encode("latin-1"))
+    await _send_chunk(reader, writer, _event(model, {"role": "assistant", "content": ""}))
+    for index, text in enumerate(script.chunks):
+        first = index == 0 and script.first_delay is not None
+        await _pause(reader, script.first_delay if first else script.delay)
+        await _send_chunk(reader, writer, _event(model, {"content": text}))
+
+    if script.then == "stall":
+        # Returns only when the client closes; stop() ends a stall by cancelling us.
+        await _wait_for_eof(reader)
+        raise _ClientGone
+    if script.then == "drop":
+        writer.transport.abort()  # no terminating chunk: the client sees a cut-short body
+        return False
+    if script.then == "error_event":
+        error = {"error": {"message": script.error_message, "type": "server_error"}}
+        await _send_chunk(reader, writer, _data(error))
+    else:
+        await _send_chunk(reader, writer, _event(model, {}, finish_reason="stop"))
+        await _send_chunk(reader, writer, b"data: [DONE]\n\n")
+    writer.write(b"0\r\n\r\n")  # the zero-length chunk that ends a chunked body
+    await writer.drain()
+    return True
+
+
+async def _send_chunk(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> None:
+    """Write one HTTP chunk and flush it, so the client sees it now, not at the end."""
+    # A client that closed its end shows up as EOF on our reader; writing to it may still
+    # "succeed" once (the kernel accepts the bytes, the peer answers with a reset), so
+    # check first rather than rely on the write failing.
+    if reader.at_eof() or writer.is_closing():
+        raise _ClientGone
     writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
     await writer.drain()
 
 
+async def _pause(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Sleep `seconds`, but raise _ClientGone as soon as the client closes the connection."""
+    if seconds <= 0:
+        return
+    # While it reads our answer, an HTTP/1.1 client sends nothing (no pipelining), so
+    # this read can only end with EOF, i.e. the client closing, or time out.
+    with contextlib.suppress(TimeoutError):
+        if not await asyncio.wait_for(reader.read(1), seconds):
+            raise _ClientGone
+
+
+async def _wait_for_eof(reader: asyncio.StreamReader) -> None:
+    """Wait until the client closes its end of the connection, discarding anything sent."""
+    while await reader.read(65536):
+        pass
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter, status: int, body: object, keep_alive: bool
+) -> None:
+    """Send a complete JSON response with a Content-Length."""
+    data = json.dumps(body).encode()
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:  # a made-up status in a script, e.g. 599
+        reason = "Unknown"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        + ("" if keep_alive else "Connection: close\r\n")
+        + "\r\n"
+    )
+    writer.write(head.encode("latin-1") + data)
+    await writer.drain()
+
+
+def _data(payload: object) -> bytes:
+    """One SSE event, compact JSON like OpenAI's. ASCII escapes keep lone surrogates valid."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
 def _event(model: str, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-    event = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-    return f"data: {json.dumps(event)}\n\n".encode()
+    """One chat.completion.chunk event."""
+    return _data(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+    )
 
 
-def _completion(request: dict[str, Any], text: str) -> dict[str, Any]:
+def _completion(model: str, text: str) -> dict[str, Any]:
+    """A whole chat.completion, for requests that did not ask for a stream."""
+    message = {"role": "assistant", "content": text}
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": request.get("model", "fake-model"),
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
     }
 
 
-def _echo(prompt: str) -> list[str]:
+def _error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "code"}}."""
+    return {"error": {"message": message, "type": error_type, "code": code}}
+
+
+def echo_chunks(prompt: str) -> list[str]:
+    """The default answer's chunks: "Echo:", then each word of `prompt` with its space."""
     words = f"Echo: {prompt}".split(" ")
     return [words[0]] + [" " + word for word in words[1:]]
 
 
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
+def _last_user_text(messages: object) -> str:
+    """The text of the last user message, the key that scripts are looked up by."""
+    if not isinstance(messages, list):
+        return ""
     for message in reversed(messages):
-        if message.get("role") == "user":
+        if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
+            if isinstance(content, list):  # content parts: keep only the text ones
+                return "".join(
+                    part.get("text", "")
+                    for part in content
+                    if isinstance(part, dict) and part.get("type") == "text"
+                )
             return content if isinstance(content, str) else ""
     return ""

@@ -129,3 +129,17 @@ def test_open_service_says_so_in_its_log(
     server = start_server(base_settings)
     server.stop()
     assert any("SSE_LLM_API_KEY is not set" in r.getMessage() for r in caplog.records)
+
+
+def test_cookie_is_secure_behind_an_https_proxy(locked_server: RunningServer) -> None:
+    # uvicorn trusts X-Forwarded-Proto from 127.0.0.1 (FORWARDED_ALLOW_IPS) by default.
+    response = httpx.post(
+        f"{locked_server.url}/login",
+        data={"key": KEY, "next": "/"},
+        headers={
+            "Origin": "https://" + locked_server.url.removeprefix("http://"),
+            "X-Forwarded-Proto": "https",
+        },
+    )
+    assert response.status_code == 303
+    assert "secure" in response.headers["set-cookie"].lower()

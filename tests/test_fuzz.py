@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import psycopg
@@ -15,6 +16,9 @@ from schemathesis import Case, GenerationMode
 
 from tests.conftest import RunningServer
 from tests.sse_client import chunk_text, iter_events
+
+# The same examples every run, so CI cannot flake; FUZZ_RANDOM=1 explores new ones.
+DERANDOMIZE = not os.environ.get("FUZZ_RANDOM")
 
 LEAKS = ("Traceback", 'File "', "psycopg", "SELECT ", "INSERT ", "/work/", "site-packages", '.py"')
 
@@ -37,7 +41,7 @@ def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: Genera
             max_examples=15,
             deadline=None,
             database=None,
-            derandomize=True,  # the same examples every run: CI must not flake
+            derandomize=DERANDOMIZE,
             suppress_health_check=list(HealthCheck),
         )
         def check(case: Case) -> None:
@@ -57,7 +61,7 @@ def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: Genera
     max_examples=60,
     deadline=None,
     database=None,
-    derandomize=True,
+    derandomize=DERANDOMIZE,
     suppress_health_check=list(HealthCheck),
 )
 def test_any_prompt_streams_and_is_stored_exactly_or_is_refused(

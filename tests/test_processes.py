@@ -135,14 +135,15 @@ def test_kill_9_mid_stream_then_restart_keeps_every_chunk_sent(database_url: str
     assert chunks >= 5
 
 
-def test_sigterm_lets_short_streams_finish(database_url: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_lets_short_streams_finish(database_url: str, signum: int) -> None:
     server = spawn_server(
         database_url, DEMO_TOKENS="30", DEMO_TOKENS_PER_SECOND="20", SSE_LLM_SHUTDOWN_GRACE="10"
     )
     try:
         stream = BackgroundStream(server.url, "finish before you go")
         stream.wait_chunks(2)
-        server.signal(signal.SIGTERM)
+        server.signal(signum)
         events = stream.join()
         assert server.wait(30) == 0
     finally:
