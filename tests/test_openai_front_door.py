@@ -12,6 +12,7 @@ import pytest
 from sse_llm.config import Settings
 from sse_llm.providers.demo import DemoProvider
 from tests.conftest import RunningServer, start_server
+from tests.fake_upstream import FakeUpstream, Script
 from tests.sse_client import chunk_text, iter_events
 
 KEY = "front-door-key"
@@ -206,3 +207,38 @@ def test_dashboard_shows_the_transcript(client: openai.OpenAI, demo_server: Runn
     assert positions == sorted(positions)
     assert "Answer like a &lt;b&gt;pirate&lt;/b&gt;." in html  # escaped, not rendered
     assert "temperature=0.5" in html
+
+
+def test_in_front_of_an_openai_compatible_upstream(
+    openai_server: RunningServer, upstream: FakeUpstream
+) -> None:
+    client = openai.OpenAI(base_url=f"{openai_server.url}/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "relay this please"}],
+        stream=True,
+        temperature=0.3,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "Echo: relay this please"
+    sent = next(r for r in upstream.requests if r["messages"][-1]["content"] == "relay this please")
+    assert sent["temperature"] == 0.3 and sent["model"] == "fake-model"
+
+    upstream.script("fail upstream", Script(["Par", "tial"], then="drop"))
+    broken = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "fail upstream"}], stream=True
+    )
+    received = ""
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in broken:
+            received += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert received == "Partial"
+    assert "broke off" in raised.value.message
+
+    upstream.script("fail whole", Script(status=500, error_message="model crashed"))
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "fail whole"}]
+        )
+    assert failed.value.status_code == 502
+    assert "model crashed" in failed.value.message
