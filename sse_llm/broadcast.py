@@ -40,7 +40,10 @@ class Broadcast:
         self._database_url = database_url
         self._on_cancel = on_cancel
         self.poll_interval = poll_interval
-        self._watchers: dict[UUID, set[asyncio.Event]] = {}
+        # Keyed by the id as text, as notifications carry it: this process hears its own
+        # writer's notification for every batch, and parsing ids it does not follow
+        # would cost a UUID per conversation per batch.
+        self._watchers: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -57,16 +60,17 @@ class Broadcast:
     def watch(self, conversation_id: UUID) -> asyncio.Event:
         """An event set whenever there is news of this conversation."""
         event = asyncio.Event()
-        self._watchers.setdefault(conversation_id, set()).add(event)
+        self._watchers.setdefault(str(conversation_id), set()).add(event)
         return event
 
     def unwatch(self, conversation_id: UUID, event: asyncio.Event) -> None:
         """Stop waking this event."""
-        watchers = self._watchers.get(conversation_id)
+        key = str(conversation_id)
+        watchers = self._watchers.get(key)
         if watchers is not None:
             watchers.discard(event)
             if not watchers:
-                del self._watchers[conversation_id]
+                del self._watchers[key]
 
     async def _listen_forever(self) -> None:
         delay = 0.1
@@ -96,12 +100,10 @@ class Broadcast:
                     self._wake(notify.payload)
 
     def _wake(self, payload: str) -> None:
+        if not self._watchers:
+            return  # the usual case: nobody here follows another process's stream
         for raw_id in payload.split(","):
-            try:
-                watchers = self._watchers.get(UUID(raw_id))
-            except ValueError:
-                continue
-            for event in watchers or ():
+            for event in self._watchers.get(raw_id, ()):
                 event.set()
 
     def _wake_everyone(self) -> None:
