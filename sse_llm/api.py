@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Send
 
 from sse_llm import store
 from sse_llm.broadcast import follow_remote, outcome_of
@@ -38,7 +39,9 @@ async def stream(request: Request) -> Response:
     conversation, generation, subscriber = await start_generation(request, prompt)
     events = live_events(conversation.id, subscriber.updates(), start_event(conversation))
     return sse_response(
-        request, conversation, closing(events, lambda: generation.unsubscribe(subscriber))
+        request,
+        closing(events, lambda: generation.unsubscribe(subscriber)),
+        {"X-Conversation-Id": str(conversation.id)},
     )
 
 
@@ -87,23 +90,30 @@ def admit_stream(request: Request) -> None:
         raise ApiError(503, "too_many_streams", message, {"Retry-After": "1"})
 
 
+class EventStream(EventSourceResponse):
+    """sse-starlette's response, minus the timeout scope it opens around every send.
+
+    A client that stops reading is dropped by the HTTP protocol instead (see
+    http_protocol.py), at no cost per send. Should sse-starlette rename this hook, the
+    override just stops applying: with `send_timeout=None` its own version is correct too.
+    """
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        await send(message)
+
+
 def sse_response(
-    request: Request, conversation: Conversation, events: AsyncIterator[bytes]
+    request: Request, events: AsyncIterator[bytes], headers: dict[str, str]
 ) -> EventSourceResponse:
-    """The SPEC 2 response: event-stream headers, the conversation id, keep-alive pings."""
+    """The SPEC 2 response: event-stream headers, `headers`, keep-alive pings."""
     settings = request.app.state.settings
-    return EventSourceResponse(
+    return EventStream(
         events,
-        headers={
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            "X-Conversation-Id": str(conversation.id),
-        },
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         ping=settings.ping_interval,
         ping_message_factory=lambda: ServerSentEvent(comment="ping"),
         sep="\n",
-        # A client that stops reading is dropped instead of holding its stream forever.
-        send_timeout=60,
+        send_timeout=None,
         # A graceful shutdown ends each stream with its generation (see app._drain_on_exit);
         # this is only a backstop should one hang.
         shutdown_grace_period=settings.shutdown_grace + 5,
@@ -139,7 +149,8 @@ async def attach(request: Request) -> Response:
         return Response(status_code=204)  # ended, nothing new: EventSource stops reconnecting
     first = RETRY_HINT + (start_event(conversation) if after == 0 else b"") + chunk_events(replay)
     events = live_events(conversation_id, updates, first)
-    return sse_response(request, conversation, closing(events, on_close))
+    headers = {"X-Conversation-Id": str(conversation.id)}
+    return sse_response(request, closing(events, on_close), headers)
 
 
 async def cancel(request: Request) -> Response:

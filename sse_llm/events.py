@@ -8,10 +8,13 @@ from uuid import UUID
 
 from sse_llm.store import Chunk, Conversation, Outcome
 
+# No raw newline can appear in this JSON, so one `data:` line always suffices. One
+# encoder for all: json.dumps with options builds a new one per call.
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
 
 def _json(value: object) -> str:
-    # No raw newline can appear in compact JSON, so one `data:` line always suffices.
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    return _encoder.encode(value)
 
 
 def start_event(conversation: Conversation) -> bytes:

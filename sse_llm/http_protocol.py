@@ -1,15 +1,26 @@
-"""The HTTP/1.1 protocol uvicorn runs: its fast httptools parser, with a bounded request head.
+"""The HTTP/1.1 protocol uvicorn runs: its fast httptools parser, with two guards added.
 
-httptools (unlike h11) puts no limit on the size of the URL and headers of a request,
-so a client could make the server buffer megabytes before the app sees anything. This
-refuses heads over MAX_HEAD_BYTES with uvicorn's own `400 Invalid HTTP request`.
+- A bounded request head. httptools (unlike h11) puts no limit on the size of the URL
+  and headers of a request, so a client could make the server buffer megabytes before
+  the app sees anything. Heads over MAX_HEAD_BYTES get uvicorn's own `400 Invalid HTTP
+  request`.
+- Clients that stop reading are dropped. A stream's sends wait while the socket's
+  buffer is full; a client that never reads again would hold its connection forever.
+  The transport tells the protocol when its buffer fills up and drains, so a timer armed
+  only in that rare case replaces a timeout around every send (sse-starlette's
+  `send_timeout` cost ~7 µs per send, a few % of the CPU of a stream).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class RequestHeadTooLarge(Exception):
@@ -17,9 +28,13 @@ class RequestHeadTooLarge(Exception):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that counts the bytes of each request's URL and headers."""
+    """HttpToolsProtocol that bounds request heads and drops clients that stop reading."""
 
     head_bytes = 0
+    # A client whose socket takes nothing for this long (the write buffer stays full) is
+    # disconnected: its response's sends return and its stream ends as if it had left.
+    stalled_client_timeout = 60.0
+    _stall_timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         self.head_bytes = 0
@@ -39,3 +54,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # Raised inside a parser callback, it surfaces as httptools.HttpParserError,
             # which uvicorn answers with 400 and a closed connection.
             raise RequestHeadTooLarge
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(
+                self.stalled_client_timeout, self._drop_stalled_client
+            )
+
+    def resume_writing(self) -> None:
+        self._cancel_stall_timer()
+        super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall_timer()
+        super().connection_lost(exc)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _drop_stalled_client(self) -> None:
+        self._stall_timer = None
+        log.info("dropping a client that read nothing for %gs", self.stalled_client_timeout)
+        # connection_lost follows: uvicorn marks the request disconnected, its pending
+        # send returns, and the app's receive() gets http.disconnect.
+        self.transport.abort()

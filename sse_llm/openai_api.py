@@ -11,12 +11,11 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sse_llm.api import closing, read_json_object, start_generation
+from sse_llm.api import closing, read_json_object, sse_response, start_generation
 from sse_llm.errors import ApiError
 from sse_llm.generation import Subscriber
 from sse_llm.providers.base import last_user_text, message_text
@@ -115,13 +114,8 @@ async def chat_completions(request: Request) -> Response:
         return completion_response(conversation, call, text, outcome, headers)
     completion = CompletionStream(conversation, call)
     events = completion.events(subscriber.updates())
-    return EventSourceResponse(
-        closing(events, lambda: generation.unsubscribe(subscriber)),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-        ping=request.app.state.settings.ping_interval,
-        sep="\n",
-        send_timeout=60,
-        shutdown_grace_period=request.app.state.settings.shutdown_grace + 5,
+    return sse_response(
+        request, closing(events, lambda: generation.unsubscribe(subscriber)), headers
     )
 
 

@@ -149,23 +149,24 @@ async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
     One statement, so one round trip and one transaction per batch however many
     streams it holds; the notification is sent only if the rows are committed.
     """
-    ids = [str(i) for i in dict.fromkeys(chunk.conversation_id for chunk in chunks)]
-    # A NOTIFY payload holds under 8000 bytes: about 200 ids each.
-    payloads = [",".join(ids[i : i + 200]) for i in range(0, len(ids), 200)]
+    # The notification lists each conversation once; a payload holds under 8000 bytes,
+    # so about 200 ids each. Built by PostgreSQL: formatting ids here was ~1% of the CPU.
     await conn.execute(
         """
         WITH inserted AS (
             INSERT INTO chunks (conversation_id, seq, text)
             SELECT * FROM unnest(%(ids)s::uuid[], %(seqs)s::int[], %(texts)s::text[])
             ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
+        ), touched AS (
+            SELECT id::text, (row_number() OVER () - 1) / 200 AS part
+            FROM (SELECT DISTINCT id FROM unnest(%(ids)s::uuid[]) AS id) AS distinct_ids
         )
-        SELECT pg_notify('sse_llm_chunks', payload) FROM unnest(%(payloads)s::text[]) AS payload
+        SELECT pg_notify('sse_llm_chunks', string_agg(id, ',')) FROM touched GROUP BY part
         """,
         {
             "ids": [chunk.conversation_id for chunk in chunks],
             "seqs": [chunk.seq for chunk in chunks],
             "texts": [chunk.text for chunk in chunks],
-            "payloads": payloads,
         },
     )
 

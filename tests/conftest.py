@@ -88,7 +88,9 @@ class RunningServer:
         assert not self.thread.is_alive(), "server did not stop"
 
 
-def start_server(settings: Settings) -> RunningServer:
+def start_server(
+    settings: Settings, http: type[BoundedHttpToolsProtocol] = BoundedHttpToolsProtocol
+) -> RunningServer:
     """Serve `create_app(settings)` on a free port; return once it accepts requests."""
     port = free_port()
     config = uvicorn.Config(
@@ -96,7 +98,7 @@ def start_server(settings: Settings) -> RunningServer:
         host="127.0.0.1",
         port=port,
         log_level="warning",
-        http=BoundedHttpToolsProtocol,  # as `sse-llm serve` runs it
+        http=http,  # BoundedHttpToolsProtocol, as `sse-llm serve` runs it
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
     server = uvicorn.Server(config)

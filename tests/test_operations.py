@@ -10,13 +10,16 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 from openapi_spec_validator import validate
 
 from sse_llm.config import Settings
+from sse_llm.http_protocol import BoundedHttpToolsProtocol
 from sse_llm.limits import RateLimiter
 from sse_llm.logs import JsonFormatter, TextFormatter
 from tests.conftest import RunningServer, start_server
+from tests.fake_upstream import FakeUpstream, Script
 from tests.sse_client import iter_events, stream_prompt
 
 
@@ -191,3 +194,66 @@ def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: Runni
             sock.sendall(request)
             reply = sock.recv(1024)
         assert reply.startswith(b"HTTP/1.1 4"), reply[:80]
+
+
+class QuickToDropProtocol(BoundedHttpToolsProtocol):
+    stalled_client_timeout = 0.5
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_answer_still_saved(
+    base_settings: Settings,
+    upstream: FakeUpstream,
+    db: psycopg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 3 MB of answer at full speed: far more than the sockets' buffers hold, so the
+    # server's write buffer fills and stays full while the client reads nothing.
+    upstream.script("never read", Script(["x" * 8000] * 400))
+    settings = base_settings.with_changes(
+        provider="openai", openai_base_url=upstream.base_url, model="fake-model"
+    )
+    server = start_server(settings, http=QuickToDropProtocol)
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "never read"}).encode()
+    request = (
+        b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+        with caplog.at_level(logging.INFO), socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(request)
+            head = sock.recv(4096)  # the headers (and perhaps a little more); then nothing
+            conversation_id = re.search(rb"x-conversation-id: ([0-9a-f-]+)", head, re.I)
+            assert conversation_id is not None, head[:300]
+            deadline = time.monotonic() + 20
+            while not any("read nothing" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the stalled client was not dropped"
+                time.sleep(0.05)
+            # Its request ends (logged once the response returns), and the answer is whole.
+            while not any(
+                getattr(r, "fields", {}).get("route") == "stream" for r in caplog.records
+            ):
+                assert time.monotonic() < deadline, "the stalled stream did not end"
+                time.sleep(0.05)
+        stored = wait_for_status(db, conversation_id.group(1).decode(), "completed")
+        assert stored == ("completed", 400, 400 * 8000)
+    finally:
+        server.stop()
+
+
+def wait_for_status(
+    db: psycopg.Connection, conversation_id: str, status: str
+) -> tuple[str, int, int]:
+    """The conversation's (status, chunk count, response length) once it has `status`."""
+    deadline = time.monotonic() + 20
+    while True:
+        row = db.execute(
+            "SELECT status, chunk_count, length(response) FROM conversations WHERE id = %s",
+            (conversation_id,),
+        ).fetchone()
+        if (row is not None and row[0] == status) or time.monotonic() > deadline:
+            assert row is not None
+            return row
+        time.sleep(0.05)
