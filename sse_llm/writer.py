@@ -3,7 +3,8 @@
 Group commit: while one batch is being written, new conversations, chunks and ends
 arrive and wait together; the next batch writes them all in one transaction. A lone
 stream gets its chunk written at once (the batch holds one chunk); a thousand streams
-cost one transaction per batch, not one per chunk, and never queue for the pool.
+cost one transaction per batch, not one per chunk, and never queue for the pool. Under
+load the writer also lingers 3 ms before each batch, so that batches grow.
 Only once a batch is committed are its chunks handed to their generations, which pass
 them on to subscribers: no client ever sees a chunk that is not on disk.
 """
@@ -23,6 +24,13 @@ from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
 
 log = logging.getLogger(__name__)
+
+# Under load, how long the writer waits for more chunks before it commits a batch: a
+# commit costs about the same CPU whether it holds 1 chunk or 100 (~110 µs of psycopg
+# and socket work). Only after a batch of BUSY_BATCH chunks or more, so a lone stream
+# (batches of one chunk) never waits.
+LINGER_SECONDS = 0.003
+BUSY_BATCH = 4
 
 
 class StorageUnavailable(Exception):
@@ -108,6 +116,7 @@ class Writer:
         return future
 
     async def _run(self) -> None:
+        busy = False  # the last batch held chunks of several streams
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -115,8 +124,11 @@ class Writer:
                 if self._closing:
                     return
                 continue
+            if busy and not self._closing:
+                await asyncio.sleep(LINGER_SECONDS)
             batch, self._pending = self._pending, _Batch()
             await self._write_batch(batch)
+            busy = len(batch.chunks) >= BUSY_BATCH
 
     async def _write_batch(self, batch: _Batch) -> None:
         # An owner whose earlier batch failed must not get later chunks stored: that
