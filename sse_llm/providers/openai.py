@@ -52,10 +52,13 @@ class OpenAIProvider:
         }
         try:
             async with self._client.stream("POST", self._url, json=body) as response:
-                if response.status_code != 200:
-                    raise UpstreamError(await _describe_failure(response))
-                async for piece in _read_pieces(response):
-                    yield piece
+                try:
+                    if response.status_code != 200:
+                        raise UpstreamError(await _describe_failure(response))
+                    async for piece in _read_pieces(response):
+                        yield piece
+                finally:
+                    _unbind(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
             raise UpstreamUnavailable(
                 f"Cannot reach the model server: {type(exc).__name__}."
@@ -97,6 +100,19 @@ async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
                     finished = True
     if not finished:
         raise UpstreamError("The model server ended the stream before the answer was complete.")
+
+
+def _unbind(response: httpx.Response) -> None:
+    """Break the cycle between a streamed response and its stream once it is read.
+
+    httpx's stream refers back to its response: left alone, the pair and the aiohttp
+    response they hold live on as garbage until a full collection, tens of KiB per
+    finished stream.
+    """
+    response.stream = _NO_STREAM
+
+
+_NO_STREAM = httpx.ByteStream(b"")
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:
