@@ -51,14 +51,16 @@ class OpenAIProvider:
             "stream": True,
         }
         try:
-            async with self._client.stream("POST", self._url, json=body) as response:
-                try:
-                    if response.status_code != 200:
-                        raise UpstreamError(await _describe_failure(response))
-                    async for piece in _read_pieces(response):
-                        yield piece
-                finally:
-                    _unbind(response)
+            post = self._client.build_request("POST", self._url, json=body)
+            response = await self._client.send(post, stream=True)
+            try:
+                if response.status_code != 200:
+                    raise UpstreamError(await _describe_failure(response))
+                async for piece in _read_pieces(response):
+                    yield piece
+            finally:
+                await response.aclose()
+                _unbind(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
             raise UpstreamUnavailable(
                 f"Cannot reach the model server: {type(exc).__name__}."
@@ -103,7 +105,7 @@ async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
 
 
 def _unbind(response: httpx.Response) -> None:
-    """Break the cycle between a streamed response and its stream once it is read.
+    """Break the cycle between a streamed response and its stream once it is closed.
 
     httpx's stream refers back to its response: left alone, the pair and the aiohttp
     response they hold live on as garbage until a full collection, tens of KiB per
