@@ -61,6 +61,7 @@ async def live_events(
 
     Each wake-up sends what arrived since the last one in a single write: under load
     the batches the writer commits reach the socket as one piece, not one per chunk.
+    An empty update means the stream has been idle for the ping interval: a ping.
     """
     if first:
         yield first
@@ -68,5 +69,4 @@ async def live_events(
         data = chunk_events(chunks) if chunks else b""
         if outcome is not None:
             data += end_event(conversation_id, outcome)
-        if data:
-            yield data
+        yield data or ping_comment()

@@ -26,12 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class Subscriber:
-    """One listener of a generation: it hears chunks once persisted, then the outcome."""
+    """One listener of a generation: it hears chunks once persisted, then the outcome.
+
+    An empty update (no chunk, no outcome) means the stream has been idle for the ping
+    interval: its client should get a keep-alive comment (see Generations._watch).
+    """
 
     def __init__(self) -> None:
         self._chunks: list[Chunk] = []
         self._outcome: Outcome | None = None
         self._wake = asyncio.Event()
+        self.last_update = asyncio.get_running_loop().time()
 
     def deliver(self, chunk: Chunk) -> None:
         """Called by the generation for each persisted chunk, in order."""
@@ -43,11 +48,17 @@ class Subscriber:
         self._outcome = outcome
         self._wake.set()
 
+    def poke(self) -> None:
+        """Wake the listener with nothing new: time for a keep-alive."""
+        self._wake.set()
+
     async def updates(self) -> AsyncIterator[tuple[list[Chunk], Outcome | None]]:
         """Yield what arrived since the last wake-up, in batches, until the outcome."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self.last_update = loop.time()
             chunks, self._chunks = self._chunks, []
             yield chunks, self._outcome
             if self._outcome is not None:
@@ -98,6 +109,12 @@ class Generation:
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop telling this subscriber anything (its client went away)."""
         self._subscribers.discard(subscriber)
+
+    def ping_idle_subscribers(self, idle_since: float) -> None:
+        """Poke the subscribers that have had no update since `idle_since` (loop time)."""
+        for subscriber in self._subscribers:
+            if subscriber.last_update <= idle_since:
+                subscriber.poke()
 
     def publish(self, chunk: Chunk) -> None:
         """Called by the writer once the chunk is committed."""
@@ -280,7 +297,7 @@ class Generations:
             request_id,
         )
         if self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch_deadlines(), name="watchdog")
+            self._watchdog = asyncio.create_task(self._watch(), name="watchdog")
         generation.task = asyncio.create_task(
             generation.run(), name=f"generation-{conversation.id}"
         )
@@ -298,15 +315,20 @@ class Generations:
         if generation is not None:
             generation.stop("cancelled")
 
-    async def _watch_deadlines(self) -> None:
-        """Stop every generation whose model has been silent past its deadline.
+    async def _watch(self) -> None:
+        """Stop every generation whose model has been silent past its deadline, and poke
+        every subscriber that has had nothing for the ping interval.
 
         One pass over all generations a few times a second costs far less than a timer
-        moved on every chunk; a timeout fires within `interval` of its exact time.
+        per stream moved on every chunk (~9% of the CPU), or a keep-alive task per stream;
+        a timeout fires, and a ping is sent, within `interval` of its exact time.
         """
         settings = self._settings
         shortest = min(settings.first_chunk_timeout, settings.chunk_timeout)
         interval = min(max(shortest / 20, 0.02), 0.5)
+        ping_interval = settings.ping_interval
+        if ping_interval > 0:
+            interval = min(interval, max(ping_interval / 4, 0.02))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
@@ -314,6 +336,8 @@ class Generations:
             for generation in list(self._running.values()):
                 if now >= generation.deadline:
                     generation.stop("timeout")
+                if ping_interval > 0:
+                    generation.ping_idle_subscribers(now - ping_interval)
 
     async def shutdown(self, grace: float) -> None:
         """Let running generations finish for `grace` seconds, then interrupt the rest."""

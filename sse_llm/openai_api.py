@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from sse_llm.api import closing, read_json_object, sse_response, start_generation
 from sse_llm.errors import ApiError
+from sse_llm.events import ping_comment
 from sse_llm.generation import Subscriber
 from sse_llm.providers.base import last_user_text, message_text
 from sse_llm.store import Chunk, Conversation, Outcome
@@ -358,8 +359,7 @@ class CompletionStream:
             data = self.deltas(chunks) if chunks else b""
             if outcome is not None:
                 data += self.ending(outcome)
-            if data:
-                yield data
+            yield data or ping_comment()  # nothing new: the stream was idle
 
     def ending(self, outcome: Outcome) -> bytes:
         if outcome.status != "completed":

@@ -152,18 +152,42 @@ def test_client_disconnect_mid_stream_still_completes(slow_server: RunningServer
 
 
 def test_idle_stream_gets_ping_comments(base_settings: Settings) -> None:
+    # 2 chunks a second, pings after 0.2 s of nothing: pings between the chunks, on both
+    # streaming routes, and the data is untouched.
     server = start_server(
         base_settings.with_changes(demo_tokens=3, demo_tokens_per_second=2, ping_interval=0.2)
+    )
+    chat = {"messages": [{"role": "user", "content": "slow"}], "stream": True}
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            with client.stream("POST", "/stream", json={"prompt": "slow"}) as response:
+                lines = list(response.iter_lines())
+            with client.stream("POST", "/v1/chat/completions", json=chat) as response:
+                chat_lines = list(response.iter_lines())
+    finally:
+        server.stop()
+    assert ": ping" in lines
+    assert lines[-3].startswith("event: done")
+    assert ": ping" in chat_lines
+    assert chat_lines[-2] == "data: [DONE]"
+
+
+def test_no_ping_while_chunks_flow(base_settings: Settings) -> None:
+    # A chunk every 50 ms for a second, pings after 0.3 s of nothing: a ping is only
+    # for a stream with nothing else to send (SPEC 2).
+    server = start_server(
+        base_settings.with_changes(demo_tokens=20, demo_tokens_per_second=20, ping_interval=0.3)
     )
     try:
         with (
             httpx.Client(base_url=server.url) as client,
-            client.stream("POST", "/stream", json={"prompt": "slow"}) as response,
+            client.stream("POST", "/stream", json={"prompt": "steady"}) as response,
         ):
             lines = list(response.iter_lines())
     finally:
         server.stop()
-    assert ": ping" in lines
+    assert lines[-3].startswith("event: done")
+    assert ": ping" not in lines
 
 
 async def test_hundred_concurrent_streams_are_stored_exactly(demo_server: RunningServer) -> None:
