@@ -32,32 +32,48 @@ class Subscriber:
     interval: its client should get a keep-alive comment (see Generations._watch).
     """
 
+    # Slots, and a bare future instead of an asyncio.Event (which holds a deque): a few
+    # hundred bytes per open stream.
+    __slots__ = ("_chunks", "_outcome", "_waiter", "_woken", "last_update")
+
     def __init__(self) -> None:
         self._chunks: list[Chunk] = []
         self._outcome: Outcome | None = None
-        self._wake = asyncio.Event()
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self.last_update = asyncio.get_running_loop().time()
 
     def deliver(self, chunk: Chunk) -> None:
         """Called by the generation for each persisted chunk, in order."""
         self._chunks.append(chunk)
-        self._wake.set()
+        self._wake()
 
     def finish(self, outcome: Outcome) -> None:
         """Called once, after the last chunk."""
         self._outcome = outcome
-        self._wake.set()
+        self._wake()
 
     def poke(self) -> None:
         """Wake the listener with nothing new: time for a keep-alive."""
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def updates(self) -> AsyncIterator[tuple[list[Chunk], Outcome | None]]:
         """Yield what arrived since the last wake-up, in batches, until the outcome."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not self._woken:
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            self._woken = False
             self.last_update = loop.time()
             chunks, self._chunks = self._chunks, []
             yield chunks, self._outcome
@@ -67,6 +83,27 @@ class Subscriber:
 
 class Generation:
     """Streams one answer from the provider through the writer to its subscribers."""
+
+    __slots__ = (
+        "_first_chunk_after",
+        "_generating",
+        "_last_write",
+        "_metrics",
+        "_pool",
+        "_provider",
+        "_settings",
+        "_stop_reason",
+        "_subscribers",
+        "_writer",
+        "conversation",
+        "deadline",
+        "id",
+        "outcome",
+        "persisted",
+        "request_id",
+        "storage_failed",
+        "task",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ class Chunk:
     received: float = field(default=0.0, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conversation:
     """A prompt, the answer so far or in full, and how its generation went."""
 
