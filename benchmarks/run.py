@@ -54,7 +54,7 @@ RESULTS = HERE / "results"
 PYTHON = sys.executable
 LATENCY_TARGET_MS = 100.0  # the capacity search's p99 bound
 NICE = [0]  # --nice: the scheduling priority of every process the benchmark starts
-NOISY_PCT = 15.0  # a failed probe is run again when others took this much of the server CPU
+NOISY_PCT = 15.0  # a scenario run this disturbed (others, steal) is not reused as a probe
 
 
 def free_port() -> int:
@@ -451,11 +451,14 @@ def capacity_search(
         result["scenario"] = "capacity probe"
         probes.append(result)
         outcome[concurrency] = passes(result, interval_ms)
-        noise = result["server_cpu_busy_by_others_pct"] + result["server_cpu_steal_pct"]
-        if not outcome[concurrency] and noise > NOISY_PCT:
+        if not outcome[concurrency]:
+            # One run's p99 can hinge on one rare pause (a slow fsync under sse-llm, a
+            # noisy neighbour under either): a failure counts once a second run confirms it.
+            noise = result["server_cpu_busy_by_others_pct"] + result["server_cpu_steal_pct"]
             log(
-                f"  {server.name} probe C={concurrency} failed with {noise:.0f}% of its CPU "
-                "taken by others: once more"
+                f"  {server.name} probe C={concurrency} failed (p99 "
+                f"{latency_p99(result):.1f} ms, {noise:.0f}% of its CPU taken by others): "
+                "once more"
             )
             result = bench.load(server, concurrency, streams)
             result["scenario"] = "capacity probe (repeated)"
