@@ -179,7 +179,10 @@ async def skip_seen(
 ) -> AsyncIterator[tuple[list[Chunk], Outcome | None]]:
     """Drop live chunks the replay already sent (they were committed during the replay read)."""
     async for chunks, outcome in updates:
-        yield [chunk for chunk in chunks if chunk.seq > last], outcome
+        fresh = [chunk for chunk in chunks if chunk.seq > last]
+        if chunks and not fresh and outcome is None:
+            continue  # all replayed already; an empty update would read as a ping
+        yield fresh, outcome
 
 
 def _nothing() -> None:

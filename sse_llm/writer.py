@@ -192,6 +192,11 @@ class Writer:
                 # Not a connection problem: retrying would fail the same way.
                 log.error("could not store a batch: %s", exc)
                 raise StorageUnavailable(str(exc)) from exc
+            except Exception as exc:
+                # Text that cannot be encoded, say: this batch fails, but the writer, which
+                # every stream of the process depends on, must live on.
+                log.exception("could not encode a batch")
+                raise StorageUnavailable(str(exc)) from exc
 
     def _fail_creates(self, batch: _Batch, exc: Exception) -> None:
         for _, future in batch.creates:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import psycopg
@@ -12,6 +15,9 @@ import pytest
 
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.metrics import Metrics
+from sse_llm.store import Chunk, NewConversation
+from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
 
@@ -126,3 +132,41 @@ def test_long_outage_ends_the_stream_with_storage_unavailable(
         assert stored.startswith(chunk_text(events))
     finally:
         server.stop()
+
+
+class Owner:
+    """What the writer reports to about its chunks (a Generation, in the service)."""
+
+    def __init__(self) -> None:
+        self.storage_failed = False
+        self.published: list[Chunk] = []
+
+    def publish(self, chunk: Chunk) -> None:
+        self.published.append(chunk)
+
+    def fail_storage(self) -> None:
+        self.storage_failed = True
+
+
+def test_a_batch_that_cannot_be_encoded_fails_alone(database_url: str) -> None:
+    # A lone surrogate cannot be sent to PostgreSQL (providers clean text, so this is a
+    # bug's path): that batch fails, and the writer goes on with the next one.
+    async def scenario() -> tuple[Owner, Owner]:
+        writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
+        writer.start()
+        try:
+            conversation = await writer.create(
+                NewConversation(uuid4(), "encode me", "demo", "demo", uuid4())
+            )
+            broken, sound = Owner(), Owner()
+            assert await writer.write(Chunk(conversation.id, 1, "bad \ud800"), broken) is False
+            assert await writer.write(Chunk(conversation.id, 1, "good"), sound) is True
+            return broken, sound
+        finally:
+            await writer.close()
+
+    # In a thread of its own: its event loop must not meet another test's.
+    with ThreadPoolExecutor(1) as pool:
+        broken, sound = pool.submit(asyncio.run, asyncio.wait_for(scenario(), 30)).result()
+    assert broken.storage_failed
+    assert [chunk.text for chunk in sound.published] == ["good"]
