@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
+import string
 import tempfile
 import threading
 import time
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psycopg
 import pytest
 import uvicorn
@@ -23,6 +26,7 @@ from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
 from tests.fake_upstream import FakeUpstream
+from tests.sse_client import stream_prompt
 
 
 def free_port() -> int:
@@ -154,3 +158,22 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
     """A plain connection to look at what the service stored."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def client(demo_server: RunningServer) -> Iterator[httpx.Client]:
+    """An HTTP client of the shared demo server."""
+    with httpx.Client(base_url=demo_server.url) as client:
+        yield client
+
+
+def word() -> str:
+    """A made-up word no other test uses (letters only, so the English stemmer keeps it)."""
+    return "zq" + "".join(random.choices(string.ascii_lowercase, k=10))
+
+
+def create(client: httpx.Client, prompt: str) -> str:
+    """Stream a prompt's answer to the end; return the conversation's id."""
+    response, events = stream_prompt(client, prompt)
+    assert events[-1].event == "done"
+    return response.headers["x-conversation-id"]

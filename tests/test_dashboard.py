@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import re
-import string
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,32 +24,13 @@ from sse_llm import store
 from sse_llm.config import Settings
 from sse_llm.dashboard import html_errors, split_hits
 from sse_llm.store import HIT_START, HIT_STOP
-from tests.conftest import RunningServer, start_server, with_database
-from tests.sse_client import stream_prompt
+from tests.conftest import create, start_server, with_database, word
 
 HOSTILE_PROMPT = (
     '<script>window.pwned = 1</script> <img src=x onerror="window.pwned = 1"> '
     '<a href="javascript:window.pwned = 1">click</a> '
     "\u202eevil right-to-left override\u202c " + "A" * 3000
 )
-
-
-def word() -> str:
-    """A made-up word no other test uses (letters only, so the English stemmer keeps it)."""
-    return "zq" + "".join(random.choices(string.ascii_lowercase, k=10))
-
-
-@pytest.fixture
-def client(demo_server: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=demo_server.url) as client:
-        yield client
-
-
-def create(client: httpx.Client, prompt: str) -> str:
-    """Stream a prompt's answer to the end; return the conversation's id."""
-    response, events = stream_prompt(client, prompt)
-    assert events[-1].event == "done"
-    return response.headers["x-conversation-id"]
 
 
 def page_links(html: str) -> list[str]:

@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-import random
-import string
-
 import httpx
-import pytest
 
-from tests.conftest import RunningServer
-from tests.sse_client import stream_prompt
-
-
-def word() -> str:
-    """A made-up word no other test uses (letters only, so the English stemmer keeps it)."""
-    return "zq" + "".join(random.choices(string.ascii_lowercase, k=10))
-
-
-@pytest.fixture
-def client(demo_server: RunningServer) -> httpx.Client:
-    with httpx.Client(base_url=demo_server.url) as client:
-        yield client
-
-
-def create(client: httpx.Client, prompt: str) -> str:
-    response, events = stream_prompt(client, prompt)
-    assert events[-1].event == "done"
-    return response.headers["x-conversation-id"]
+from tests.conftest import create, word
 
 
 def test_history_lists_newest_first_with_paging(client: httpx.Client) -> None:
