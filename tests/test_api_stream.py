@@ -173,10 +173,11 @@ def test_idle_stream_gets_ping_comments(base_settings: Settings) -> None:
 
 
 def test_no_ping_while_chunks_flow(base_settings: Settings) -> None:
-    # A chunk every 50 ms for a second, pings after 0.3 s of nothing: a ping is only
-    # for a stream with nothing else to send (SPEC 2).
+    # A chunk every 50 ms for two seconds, pings after 0.6 s of nothing: a ping is only
+    # for a stream with nothing else to send (SPEC 2). A timer that pinged regardless
+    # would ping three times; a gap of 0.6 s (a stalled disk, say) could ping once.
     server = start_server(
-        base_settings.with_changes(demo_tokens=20, demo_tokens_per_second=20, ping_interval=0.3)
+        base_settings.with_changes(demo_tokens=40, demo_tokens_per_second=20, ping_interval=0.6)
     )
     try:
         with (
@@ -187,7 +188,7 @@ def test_no_ping_while_chunks_flow(base_settings: Settings) -> None:
     finally:
         server.stop()
     assert lines[-3].startswith("event: done")
-    assert ": ping" not in lines
+    assert ": ping" not in lines, lines
 
 
 async def test_hundred_concurrent_streams_are_stored_exactly(demo_server: RunningServer) -> None:
