@@ -277,17 +277,14 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise ApiError(
             415, "unsupported_media_type", "Send the body as Content-Type: application/json."
         )
-    too_large = ApiError(
-        413, "payload_too_large", f"The body must be at most {MAX_BODY_BYTES} bytes."
-    )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large  # refused before reading a byte of it
+        raise _too_large()  # refused before reading a byte of it
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > MAX_BODY_BYTES:
-            raise too_large
+            raise _too_large()
     try:
         data = json.loads(body)
     except ValueError:  # also covers bytes that are not UTF-8
@@ -295,6 +292,10 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(422, "validation_error", "The body must be a JSON object.")
     return data
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", f"The body must be at most {MAX_BODY_BYTES} bytes.")
 
 
 def validate_prompt(body: dict[str, Any], max_chars: int) -> str:

@@ -60,6 +60,7 @@ class Script:
     then: str = "done"
     status: int = 200  # not 200: answer this status with an OpenAI JSON error, no stream
     error_message: str = "fake upstream failure"
+    set_cookie: str | None = None  # a Set-Cookie header on the streamed answer
 
     def __post_init__(self) -> None:
         """Reject an unknown `then` when the script is written, not when it is played."""
@@ -299,7 +300,10 @@ async def _stream(
         "HTTP/1.1 200 OK\r\n"
         "Content-Type: text/event-stream\r\n"
         "Cache-Control: no-cache\r\n"
-        "Transfer-Encoding: chunked\r\n" + ("" if keep_alive else "Connection: close\r\n") + "\r\n"
+        "Transfer-Encoding: chunked\r\n"
+        + (f"Set-Cookie: {script.set_cookie}\r\n" if script.set_cookie else "")
+        + ("" if keep_alive else "Connection: close\r\n")
+        + "\r\n"
     )
     writer.write(head.encode("latin-1"))
     await _send_chunk(reader, writer, _event(model, {"role": "assistant", "content": ""}))

@@ -159,6 +159,20 @@ def test_unreachable_upstream(base_settings: Settings) -> None:
     assert stored["error"]["code"] == "upstream_unavailable"
 
 
+def test_a_cookie_the_upstream_sets_for_one_user_is_never_sent_for_another(
+    openai_server: RunningServer, upstream: FakeUpstream
+) -> None:
+    # One HTTP client serves every user: a cookie jar in it would carry one user's
+    # upstream session into the next user's request.
+    first, second = unique("cookie setter"), unique("cookie victim")
+    upstream.script(first, Script([" a"], set_cookie="session=first-user-secret; Path=/"))
+    run(openai_server, first)
+    run(openai_server, second)
+    request = next(r for r in upstream.requests if r["messages"][-1]["content"] == second)
+    headers = upstream.headers[upstream.requests.index(request)]
+    assert "cookie" not in headers
+
+
 def test_hostile_upstream_text_is_stored_safely(
     openai_server: RunningServer, upstream: FakeUpstream
 ) -> None:

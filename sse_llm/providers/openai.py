@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar
 from typing import Any
 
 import httpx
@@ -27,9 +28,14 @@ class OpenAIProvider:
         self, base_url: str, api_key: str | None, model: str | None, max_connections: int
     ) -> None:
         self.model = model or DEFAULT_MODEL
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        # Parsed once: httpx parses a URL given as text on every request.
+        self._url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
         # Identity: the stream is read as raw bytes, and compressing SSE only delays it.
-        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+        headers = {
+            "Accept": "text/event-stream",
+            "Accept-Encoding": "identity",
+            "Content-Type": "application/json",
+        }
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         # httpx's API on aiohttp's connection pool: httpx's own pool costs several times
@@ -38,6 +44,9 @@ class OpenAIProvider:
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(None, connect=10.0),
+            # One client serves every user: a cookie the model server sets on one user's
+            # request must never ride along on another's.
+            cookies=_NoCookies(),
             # One connection per concurrent stream: a smaller pool would queue streams silently.
             transport=AiohttpTransport(limits=limits),
         )
@@ -51,7 +60,7 @@ class OpenAIProvider:
             "stream": True,
         }
         try:
-            post = self._client.build_request("POST", self._url, json=body)
+            post = self._client.build_request("POST", self._url, content=_encode(body))
             response = await self._client.send(post, stream=True)
             try:
                 if response.status_code != 200:
@@ -99,6 +108,21 @@ async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
                 yield piece
     if not finished:
         raise UpstreamError("The model server ended the stream before the answer was complete.")
+
+
+class _NoCookies(CookieJar):
+    """A cookie jar that keeps nothing (and skips parsing Set-Cookie headers)."""
+
+    def extract_cookies(self, response: object, request: object) -> None:  # type: ignore[override]
+        return
+
+
+# Compact, and UTF-8 as is: what httpx's json= would send, built by one shared encoder.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return _encode_json(body).encode()
 
 
 def _unbind(response: httpx.Response) -> None:
