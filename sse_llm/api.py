@@ -56,30 +56,44 @@ async def start_generation(
     """Admit a new stream, create its conversation, start it, and subscribe to it."""
     state = request.app.state
     admit_stream(request)
-    # The row exists before the first byte is sent: the id in the headers is real.
-    new = NewConversation(
-        id=uuid4(),
-        prompt=prompt,
-        model=model or state.provider.model,
-        provider=state.provider.name,
-        owner_id=state.lease.instance_id,
-        messages=messages,
-        parameters=parameters,
-    )
-    conversation = await state.writer.create(new)
+    admission = state.admission
+    waited = await admission.enter()  # waits while the process is overloaded
+    try:
+        if waited:
+            if await request.is_disconnected():
+                raise ApiError(499, "client_closed", "The client went away while waiting.")
+            admit_stream(request, again=True)
+        # The row exists before the first byte is sent: the id in the headers is real.
+        new = NewConversation(
+            id=uuid4(),
+            prompt=prompt,
+            model=model or state.provider.model,
+            provider=state.provider.name,
+            owner_id=state.lease.instance_id,
+            messages=messages,
+            parameters=parameters,
+        )
+        conversation = await state.writer.create(new)
+    except BaseException:
+        admission.leave()
+        raise
     generation: Generation = state.generations.start(
         conversation, request.scope.get("state", {}).get("request_id")
     )
+    generation.task.add_done_callback(lambda _: admission.leave())  # type: ignore[union-attr]
     subscriber = generation.subscribe()  # before any await: no chunk can be missed
     return conversation, generation, subscriber
 
 
-def admit_stream(request: Request) -> None:
-    """Refuse a new stream while shutting down, past the rate limit, or past the cap."""
+def admit_stream(request: Request, *, again: bool = False) -> None:
+    """Refuse a new stream while shutting down, past the rate limit, or past the cap.
+
+    `again`: after waiting for admission, when the rate limit has been paid already.
+    """
     state = request.app.state
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "The service is shutting down. Try another replica.")
-    if state.rate_limiter is not None:
+    if state.rate_limiter is not None and not again:
         wait = state.rate_limiter.acquire(client_key(request))
         if wait is not None:
             retry_after = str(max(1, math.ceil(wait)))

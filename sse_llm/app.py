@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from sse_llm import access, api, dashboard, openai_api
 from sse_llm.access import AccessControl
+from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings, parse_rate
 from sse_llm.database import apply_migrations, open_pool
@@ -89,6 +90,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     writer = Writer(database_url, settings.storage_timeout, metrics)
     writer.start()
     generations = Generations(provider, writer, pool, settings, metrics)
+    admission = Admission(
+        writer.lag, settings.overload_lag, settings.queue_timeout, metrics.waiting_streams
+    )
     lease = InstanceLease(database_url, pool, generations.ids)
     await lease.start()
     broadcast = Broadcast(database_url, on_cancel=generations.cancel)
@@ -96,6 +100,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.provider = provider
     app.state.generations = generations
+    app.state.admission = admission
     app.state.writer = writer
     app.state.lease = lease
     app.state.broadcast = broadcast

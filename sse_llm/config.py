@@ -41,6 +41,8 @@ class Settings:
     storage_timeout: float = 10.0
     shutdown_grace: float = 30.0
     max_streams: int = 1000
+    overload_lag: float = 0.1  # 0: never hold new streams
+    queue_timeout: float = 10.0
     rate_limit: str | None = None  # "60/minute": POST /stream per client
     log_format: str = "text"
 
@@ -68,6 +70,8 @@ class Settings:
             storage_timeout=_read(env, "SSE_LLM_STORAGE_TIMEOUT", float, 10.0),
             shutdown_grace=_read(env, "SSE_LLM_SHUTDOWN_GRACE", float, 30.0),
             max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
+            overload_lag=_read(env, "SSE_LLM_OVERLOAD_LAG", float, 0.1),
+            queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 10.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
         )
@@ -98,6 +102,7 @@ class Settings:
             "DEMO_TOKENS": self.demo_tokens,
             "SSE_LLM_STORAGE_TIMEOUT": self.storage_timeout,
             "SSE_LLM_MAX_STREAMS": self.max_streams,
+            "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -106,6 +111,7 @@ class Settings:
             "DEMO_TOKENS_PER_SECOND": self.demo_tokens_per_second,
             "SSE_LLM_PING_INTERVAL": self.ping_interval,
             "SSE_LLM_SHUTDOWN_GRACE": self.shutdown_grace,
+            "SSE_LLM_OVERLOAD_LAG": self.overload_lag,
         }
         for name, value in not_negative.items():
             if value < 0:

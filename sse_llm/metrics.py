@@ -53,6 +53,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.waiting_streams = Gauge(
+            "sse_llm_waiting_streams",
+            "New streams held back while the process is overloaded (see admission.py).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.streams = Counter(
             "sse_llm_streams", "Generations ended, by status.", ["status"], registry=registry
         )

@@ -62,7 +62,10 @@ _ID_PARAMETER = {
     "description": "A conversation id (a UUID; anything else is simply not found).",
 }
 
-_UNAVAILABLE = _error("The database is unavailable, or the service is shutting down.")
+_UNAVAILABLE = _error(
+    "The database is unavailable, the service is shutting down, or it is overloaded "
+    "(`overloaded`: the stream could not start within SSE_LLM_QUEUE_TIMEOUT)."
+)
 
 
 def build_openapi(settings: Settings) -> dict[str, Any]:
@@ -224,7 +227,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     "429": _openai_error("Too many streams started; see Retry-After."),
                     "502": _openai_error("The model server failed."),
                     "503": _openai_error(
-                        "Unavailable, shutting down, or the answer was interrupted."
+                        "Unavailable, shutting down, overloaded, or the answer was interrupted."
                     ),
                     "504": _openai_error("The model server timed out."),
                 },

@@ -73,6 +73,7 @@ class Writer:
         self._storage_timeout = storage_timeout
         self._metrics = metrics
         self._pending = _Batch()
+        self._writing: _Batch | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._connection: psycopg.AsyncConnection | None = None
@@ -115,6 +116,14 @@ class Writer:
         self._wake.set()
         return future
 
+    def lag(self) -> float:
+        """Seconds since the oldest chunk no client can see yet was produced (0: none)."""
+        writing = self._writing
+        batch = writing if writing is not None and writing.chunks else self._pending
+        if not batch.chunks:
+            return 0.0
+        return asyncio.get_running_loop().time() - batch.chunks[0][0].received
+
     async def _run(self) -> None:
         busy = False  # the last batch held chunks of several streams
         while True:
@@ -127,7 +136,9 @@ class Writer:
             if busy and not self._closing:
                 await asyncio.sleep(LINGER_SECONDS)
             batch, self._pending = self._pending, _Batch()
+            self._writing = batch
             await self._write_batch(batch)
+            self._writing = None
             busy = len(batch.chunks) >= BUSY_BATCH
 
     async def _write_batch(self, batch: _Batch) -> None:

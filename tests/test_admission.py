@@ -1,0 +1,167 @@
+"""Overload admission: new streams wait while chunks run late, and start once they don't."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+
+from sse_llm.admission import Admission
+from sse_llm.config import Settings
+from sse_llm.errors import ApiError
+from tests.conftest import start_server
+from tests.sse_client import iter_events
+
+
+class Lag:
+    """The writer's lag, as the test sets it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+class Waiting:
+    """The gauge the gate keeps, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gauge = Gauge("waiting", "streams waiting", registry=self.registry)
+
+    def __call__(self) -> float | None:
+        return self.registry.get_sample_value("waiting")
+
+
+def gate(lag: Lag, max_lag: float = 0.1, max_wait: float = 5.0) -> tuple[Admission, Waiting]:
+    waiting = Waiting()
+    return Admission(lag, max_lag, max_wait, waiting.gauge), waiting
+
+
+async def test_on_time_every_stream_starts_at_once() -> None:
+    admission, waiting = gate(Lag())
+    assert [await admission.enter() for _ in range(50)] == [False] * 50
+    assert admission.running == 50 and admission.limit == math.inf and waiting() == 0
+
+
+async def test_late_chunks_hold_new_streams_which_start_in_order_as_others_end() -> None:
+    lag = Lag()
+    admission, waiting = gate(lag)
+    for _ in range(10):
+        await admission.enter()
+    lag.seconds = 0.5
+    queued = [asyncio.create_task(admission.enter()) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    assert admission.limit == 9  # cut to nine tenths of the ten running
+    assert not any(task.done() for task in queued) and waiting() == 3
+    admission.leave()
+    admission.leave()  # eight running, under the limit of nine: the first waiter starts
+    await asyncio.sleep(0.01)
+    assert [task.done() for task in queued] == [True, False, False]
+    lag.seconds = 0.0  # on time again: the limit rises and the others start too
+    await asyncio.wait_for(asyncio.gather(*queued), 2)
+    assert [task.result() for task in queued] == [True, True, True]
+    assert waiting() == 0
+
+
+async def test_a_stream_that_waits_too_long_gets_503_overloaded() -> None:
+    lag = Lag()
+    admission, waiting = gate(lag, max_wait=0.2)
+    await admission.enter()
+    lag.seconds = 1.0
+    with pytest.raises(ApiError) as refused:
+        await admission.enter()
+    assert (refused.value.status, refused.value.code) == (503, "overloaded")
+    assert refused.value.headers == {"Retry-After": "1"}
+    assert admission.running == 1 and waiting() == 0
+
+
+async def test_the_limit_is_dropped_once_it_holds_nobody_back() -> None:
+    lag = Lag()
+    admission, _ = gate(lag)
+    for _ in range(10):
+        await admission.enter()
+    lag.seconds = 0.5
+    task = asyncio.create_task(admission.enter())
+    await asyncio.sleep(0.05)
+    assert admission.limit < math.inf
+    lag.seconds = 0.0
+    await asyncio.wait_for(task, 2)
+    for _ in range(11):
+        admission.leave()
+    await asyncio.sleep(0.5)  # 25 ticks on time: the limit grows past twice the running
+    assert admission.limit == math.inf
+
+
+async def test_a_lag_limit_of_zero_never_holds_anyone() -> None:
+    lag = Lag()
+    admission, _ = gate(lag, max_lag=0)
+    lag.seconds = 10.0
+    assert await admission.enter() is False
+
+
+def test_a_stalled_database_holds_new_streams_and_refuses_them_after_the_queue_timeout(
+    base_settings: Settings, database_url: str
+) -> None:
+    """The writer cannot commit (a lock held on the chunks table): the running stream's
+    chunks age, so a new stream waits, is counted in /metrics, then gets 503 `overloaded`
+    and creates nothing. Once the database moves again, everything completes."""
+    server = start_server(
+        base_settings.with_changes(
+            demo_tokens=60, demo_tokens_per_second=20, overload_lag=0.2, queue_timeout=1.5
+        )
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            before = client.get("/history", params={"limit": 1}).json()["items"]
+            events = []
+            with client.stream("POST", "/stream", json={"prompt": "first in line"}) as response:
+                lines = iter_events(response)
+                events.append(next(lines))  # start
+                events.append(next(lines))  # chunk 1
+                with psycopg.connect(database_url) as blocker:
+                    blocker.execute("LOCK TABLE chunks IN SHARE MODE")
+                    time.sleep(0.5)  # chunks 2.. wait for the writer, which waits for us
+                    refused: list[httpx.Response] = []
+                    late = threading.Thread(target=_post, args=(server.url, "second", refused))
+                    late.start()
+                    assert _waiting_streams(client) == 1
+                    late.join(10)
+                    blocker.rollback()
+                events.extend(lines)
+            assert refused[0].status_code == 503
+            assert refused[0].json()["error"]["code"] == "overloaded"
+            assert events[-1].event == "done" and events[-1].json["chunks"] == 60
+            after = client.get("/history", params={"limit": 2}).json()["items"]
+            assert after[0]["prompt"] == "first in line"  # the refused one created nothing
+            assert after[1:] == before
+            # On time again: a new stream starts at once.
+            with client.stream("POST", "/stream", json={"prompt": "third"}) as response:
+                assert response.status_code == 200
+    finally:
+        server.stop()
+
+
+def _post(url: str, prompt: str, answers: list[httpx.Response]) -> None:
+    answers.append(httpx.post(f"{url}/stream", json={"prompt": prompt}, timeout=30))
+
+
+def _waiting_streams(client: httpx.Client) -> float:
+    """sse_llm_waiting_streams from /metrics, once it is above 0 (or 0 after 1 s)."""
+    deadline = time.monotonic() + 1
+    value = 0.0
+    while time.monotonic() < deadline:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("sse_llm_waiting_streams "):
+                value = float(line.split()[1])
+        if value > 0:
+            break
+        time.sleep(0.05)
+    return value
