@@ -42,7 +42,7 @@ class Settings:
     shutdown_grace: float = 30.0
     max_streams: int = 1000
     overload_lag: float = 0.1  # 0: never hold new streams
-    queue_timeout: float = 10.0
+    queue_timeout: float = 30.0
     rate_limit: str | None = None  # "60/minute": POST /stream per client
     log_format: str = "text"
 
@@ -71,7 +71,7 @@ class Settings:
             shutdown_grace=_read(env, "SSE_LLM_SHUTDOWN_GRACE", float, 30.0),
             max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
             overload_lag=_read(env, "SSE_LLM_OVERLOAD_LAG", float, 0.1),
-            queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 10.0),
+            queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 30.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
         )
