@@ -667,7 +667,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
         f"load average before {report['machine']['load_before']}, after "
-        f"{report['machine']['load_after']}; {_fsync_text(report['machine']['fsync_ms'])}. "
+        f"{report['machine']['load_after']}; sse-llm's database in "
+        f"{report['machine'].get('data_root', '?')}, where an "
+        f"{_fsync_text(report['machine']['fsync_ms'])}. "
         f"Python {report['machine']['python']}. "
         f"sse-llm at {report['git']}. Ceiling client: {report['ceiling_client']}. "
         f"Pinning: {report['pinning']}. Each stream: {report['chunks']} chunks every "
@@ -907,6 +909,11 @@ def main() -> int:
     )
     parser.add_argument("--profile-only", action="store_true", help="only the --profile runs")
     parser.add_argument(
+        "--data-root",
+        help="folder for the run's files, sse-llm's PostgreSQL included (default: the system's "
+        "temporary folder); /dev/shm takes the disk and its fsync out of the measurement",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (logs, data)"
     )
     parser.add_argument(
@@ -922,7 +929,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    workdir = Path(tempfile.mkdtemp(prefix="sse-llm-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="sse-llm-bench-", dir=args.data_root))
     logs = RESULTS / f"logs-{stamp}"
     logs.mkdir()
     server_cpus, other_cpus = cpu_sets()
@@ -952,6 +959,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "load_before": [round(x, 2) for x in os.getloadavg()],
+            "data_root": str(workdir.parent),
             "fsync_ms": fsync_ms(workdir),
         },
         "scenarios": {},
