@@ -149,6 +149,37 @@ def test_a_stalled_database_holds_new_streams_and_refuses_them_after_the_queue_t
         server.stop()
 
 
+def test_a_client_that_leaves_while_waiting_starts_nothing(
+    base_settings: Settings, database_url: str, db: psycopg.Connection
+) -> None:
+    server = start_server(
+        base_settings.with_changes(
+            demo_tokens=60, demo_tokens_per_second=20, overload_lag=0.2, queue_timeout=10
+        )
+    )
+    impatient = f"impatient {time.time_ns()}"
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            with client.stream("POST", "/stream", json={"prompt": "keeps going"}) as response:
+                lines = iter_events(response)
+                next(lines), next(lines)  # start, chunk 1
+                with psycopg.connect(database_url) as blocker:
+                    blocker.execute("LOCK TABLE chunks IN SHARE MODE")
+                    time.sleep(0.5)  # the writer is stalled: new streams wait
+                    with pytest.raises(httpx.ReadTimeout):
+                        httpx.post(
+                            f"{server.url}/stream", json={"prompt": impatient}, timeout=1
+                        )  # gives up and closes its connection while waiting
+                    blocker.rollback()
+                events = list(lines)
+            assert events[-1].event == "done"
+            time.sleep(0.5)  # the gate lets the waiting request through as the lag falls
+        count = db.execute("SELECT count(*) FROM conversations WHERE prompt = %s", (impatient,))
+        assert count.fetchone() == (0,)
+    finally:
+        server.stop()
+
+
 def _post(url: str, prompt: str, answers: list[httpx.Response]) -> None:
     answers.append(httpx.post(f"{url}/stream", json={"prompt": prompt}, timeout=30))
 
