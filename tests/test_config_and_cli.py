@@ -39,8 +39,11 @@ def test_environment_is_read() -> None:
             "LLM_MODEL": "llama3",
             "LLM_CHUNK_TIMEOUT": "2.5",
             "SSE_LLM_PORT": "9000",
+            "SSE_LLM_OVERLOAD_LAG": "0",
+            "SSE_LLM_QUEUE_TIMEOUT": "5",
         }
     )
+    assert (settings.overload_lag, settings.queue_timeout) == (0, 5)
     assert settings.provider == "openai"
     assert settings.model == "llama3"
     assert settings.chunk_timeout == 2.5
@@ -58,6 +61,8 @@ def test_environment_is_read() -> None:
         ("SSE_LLM_MAX_PROMPT_CHARS", "-5", "SSE_LLM_MAX_PROMPT_CHARS"),
         ("DATABASE_URL", "mysql://x", "DATABASE_URL"),
         ("OPENAI_BASE_URL", "localhost:8080", "OPENAI_BASE_URL"),
+        ("SSE_LLM_OVERLOAD_LAG", "-0.1", "SSE_LLM_OVERLOAD_LAG"),
+        ("SSE_LLM_QUEUE_TIMEOUT", "0", "SSE_LLM_QUEUE_TIMEOUT"),
     ],
 )
 def test_bad_value_is_refused_with_its_name(name: str, value: str, mentions: str) -> None:
