@@ -45,6 +45,15 @@ def gate(lag: Lag, max_lag: float = 0.1, max_wait: float = 5.0) -> tuple[Admissi
     return Admission(lag, max_lag, max_wait, waiting.gauge), waiting
 
 
+async def ten_running_then_late(lag: Lag) -> tuple[Admission, Waiting]:
+    """A gate with ten streams admitted on time, whose chunks then run late."""
+    admission, waiting = gate(lag)
+    for _ in range(10):
+        await admission.enter()
+    lag.seconds = 0.5
+    return admission, waiting
+
+
 async def test_on_time_every_stream_starts_at_once() -> None:
     admission, waiting = gate(Lag())
     assert [await admission.enter() for _ in range(50)] == [False] * 50
@@ -53,10 +62,7 @@ async def test_on_time_every_stream_starts_at_once() -> None:
 
 async def test_late_chunks_hold_new_streams_which_start_in_order_as_others_end() -> None:
     lag = Lag()
-    admission, waiting = gate(lag)
-    for _ in range(10):
-        await admission.enter()
-    lag.seconds = 0.5
+    admission, waiting = await ten_running_then_late(lag)
     queued = [asyncio.create_task(admission.enter()) for _ in range(3)]
     await asyncio.sleep(0.1)
     assert admission.limit == 9  # cut to nine tenths of the ten running
@@ -85,10 +91,7 @@ async def test_a_stream_that_waits_too_long_gets_503_overloaded() -> None:
 
 async def test_the_limit_is_dropped_once_it_holds_nobody_back() -> None:
     lag = Lag()
-    admission, _ = gate(lag)
-    for _ in range(10):
-        await admission.enter()
-    lag.seconds = 0.5
+    admission, _ = await ten_running_then_late(lag)
     task = asyncio.create_task(admission.enter())
     await asyncio.sleep(0.05)
     assert admission.limit < math.inf
