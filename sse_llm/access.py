@@ -113,7 +113,11 @@ class AccessControl:
             return
         request = Request(scope)
         if is_cross_site_change(request):
-            await _forbidden("Cross-site request refused.")(scope, receive, send)
+            message = (
+                "Refused: a change sent with a cookie or a form body must come from this "
+                "service's own pages (Origin). Programs send JSON, or a bearer key."
+            )
+            await _forbidden(message)(scope, receive, send)
             return
         if self.sessions is None or _is_open(scope["path"]):
             await self.app(scope, receive, send)
