@@ -167,16 +167,15 @@ def test_too_many_streams_from_one_client_get_429(limited_server: RunningServer)
     assert 1 <= int(refused.headers["retry-after"]) <= 20
 
 
-@pytest.mark.parametrize("made_up", ["bearer", "cookie"])
-def test_made_up_credentials_do_not_earn_a_client_more_streams(
-    base_settings: Settings, made_up: str
+def test_made_up_bearer_values_and_cookies_do_not_earn_a_client_more_streams(
+    base_settings: Settings,
 ) -> None:
     server = start_server(base_settings.with_changes(rate_limit="3/minute"))
     try:
         statuses = []
-        for _ in range(6):
+        for attempt in range(12):  # six random bearer values and six random cookies
             value = secrets.token_urlsafe(16)
-            if made_up == "bearer":
+            if attempt % 2 == 0:
                 headers = {"Authorization": f"Bearer {value}"}
             else:
                 headers = {"Cookie": f"sse_llm_session={value}", "Origin": server.url}
@@ -184,7 +183,7 @@ def test_made_up_credentials_do_not_earn_a_client_more_streams(
                 statuses.append(stream_prompt(client, "made up")[0].status_code)
     finally:
         server.stop()
-    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert statuses == [200] * 3 + [429] * 9  # one client: one address
 
 
 def test_each_signed_in_browser_has_a_limit_of_its_own(base_settings: Settings) -> None:
