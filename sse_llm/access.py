@@ -1,32 +1,54 @@
-"""Access control (SPEC 8): an API key for programs, a session cookie for browsers.
+"""Access control (SPEC 8): an API key for programs, a session for browsers, no CSRF.
 
 With SSE_LLM_API_KEY set, every route but /healthz (and the login page with its static
-files) needs `Authorization: Bearer <key>` or the signed session cookie that /login
-sets. The cookie is HttpOnly and SameSite=Strict (so EventSource works and other sites
-cannot use it), Secure over HTTPS, and expires. Keys and signatures are compared in
-constant time. Requests that change something with the cookie must come from this
-origin (CSRF).
+files) needs `Authorization: Bearer <key>` or a session cookie that /login sets. Keys
+are compared in constant time.
+
+Sessions live in PostgreSQL (the `sessions` table), so they hold on every replica and a
+sign-out ends them everywhere: the cookie carries a random token, the table only its
+keyed SHA-256 (keyed by the API key, so a rotated key signs everybody out, and a copy of
+the table signs nobody in). Every cookie request looks its row up, no cache: a revoked
+session fails on the next request on any replica. The cookie is HttpOnly and
+SameSite=Strict (so EventSource works and other sites cannot use it), Secure over HTTPS.
+
+Every request that changes something and that a browser could have been made to send
+from another site (it carries a cookie, a form's content type, or an Origin) must come
+from this origin, with or without a key; bearer requests are exempt (no page can add
+that header to a cross-site request without a CORS preflight, which is never granted).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import time
+import re
+import secrets
+import unicodedata
 from urllib.parse import parse_qs, quote, urlsplit
 
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sse_llm import store
 from sse_llm.dashboard import render
+from sse_llm.errors import handle_database_error
+from sse_llm.store import Session
 
 COOKIE_NAME = "sse_llm_session"
 SESSION_SECONDS = 7 * 24 * 3600
-_OPEN_PATHS = ("/healthz", "/login")
+# The name a session writes reviews as when the sign-in form leaves it blank.
+DEFAULT_REVIEWER = "reviewer"
+_OPEN_PATHS = ("/healthz", "/login", "/logout")
 _OPEN_PREFIXES = ("/static/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# What a cross-site <form> (or a CORS-free fetch) can send: no preflight asks first.
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+# secrets.token_urlsafe(32) makes 43 characters; anything unlike it is not looked up.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _unauthorized(message: str) -> JSONResponse:
@@ -39,7 +61,7 @@ def _forbidden(message: str) -> JSONResponse:
 
 
 class Sessions:
-    """Signs and checks session tokens: `<expiry>.<HMAC of expiry>`, keyed by the API key."""
+    """Checks the key; starts, finds and ends the sessions of the `sessions` table."""
 
     def __init__(self, api_key: str) -> None:
         self._api_key = api_key.encode()
@@ -50,34 +72,56 @@ class Sessions:
         """Constant-time comparison with the configured key."""
         return hmac.compare_digest(candidate.encode(), self._api_key)
 
-    def issue(self, now: float | None = None) -> str:
-        """A new session token valid for SESSION_SECONDS."""
-        expiry = str(int((time.time() if now is None else now) + SESSION_SECONDS))
-        return f"{expiry}.{self._sign(expiry)}"
+    def token_hash(self, token: str) -> bytes:
+        """What the table keeps of a token: its SHA-256, keyed by the API key."""
+        return hmac.new(self._secret, token.encode(), hashlib.sha256).digest()
 
-    def valid(self, token: str, now: float | None = None) -> bool:
-        """Whether a token was signed by us and has not expired."""
-        expiry, _, signature = token.partition(".")
-        if not expiry.isdigit() or not hmac.compare_digest(signature, self._sign(expiry)):
-            return False
-        return int(expiry) > (time.time() if now is None else now)
+    async def start(self, pool: AsyncConnectionPool, reviewer: str) -> str:
+        """Record a new session for `reviewer`; return the token for its cookie."""
+        token = secrets.token_urlsafe(32)
+        await store.create_session(pool, self.token_hash(token), reviewer, SESSION_SECONDS)
+        # Rows only accumulate through sign-ins, so each one clearing a few expired rows
+        # keeps the table at the sessions of the last SESSION_SECONDS.
+        await store.delete_expired_sessions(pool)
+        return token
 
-    def _sign(self, expiry: str) -> str:
-        return hmac.new(self._secret, expiry.encode(), hashlib.sha256).hexdigest()
+    async def find(self, pool: AsyncConnectionPool, token: str) -> Session | None:
+        """The live session of a cookie's token, or None (unknown, expired, revoked)."""
+        if not _TOKEN.fullmatch(token):
+            return None
+        return await store.find_session(pool, self.token_hash(token))
+
+    async def end(self, pool: AsyncConnectionPool, token: str) -> None:
+        """Revoke the session of a token, on every replica at once."""
+        if _TOKEN.fullmatch(token):
+            await store.revoke_session(pool, self.token_hash(token))
 
 
 class AccessControl:
-    """ASGI middleware: lets a request through only with the key or a valid session."""
+    """ASGI middleware: refuses cross-site changes, then lets through the key or a session.
+
+    A signed-in request carries its `Session` as `request.state.session`.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
         self.sessions = Sessions(api_key) if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.sessions is None or _is_open(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        if is_cross_site_change(request):
+            message = (
+                "Refused: a change sent with a cookie or a form body must come from this "
+                "service's own pages (Origin). Programs send JSON, or a bearer key."
+            )
+            await _forbidden(message)(scope, receive, send)
+            return
+        if self.sessions is None or _is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
         bearer = _bearer(request)
         if bearer is not None:
             if self.sessions.key_matches(bearer):
@@ -86,12 +130,17 @@ class AccessControl:
             await _unauthorized("The API key is wrong.")(scope, receive, send)
             return
         token = request.cookies.get(COOKIE_NAME)
-        if token is not None and self.sessions.valid(token):
-            if request.method not in _SAFE_METHODS and not same_origin(request):
-                await _forbidden("Cross-site request refused.")(scope, receive, send)
+        if token is not None:
+            try:
+                # Read at request time: the pool is built in the lifespan.
+                session = await self.sessions.find(request.app.state.pool, token)
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                await (await handle_database_error(request, exc))(scope, receive, send)
                 return
-            await self.app(scope, receive, send)
-            return
+            if session is not None:
+                scope.setdefault("state", {})["session"] = session
+                await self.app(scope, receive, send)
+                return
         await _refusal(request)(scope, receive, send)
 
 
@@ -116,13 +165,51 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+def is_cross_site_change(request: Request) -> bool:
+    """Whether a request changes something as a browser sends it, from another origin.
+
+    Browsers send Origin with every POST, same-site or not; a program without cookies or
+    form bodies (curl POST /stream) sends neither and is not asked for one.
+    """
+    if request.method in _SAFE_METHODS or _has_bearer(request):
+        return False
+    headers = request.headers
+    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    from_a_browser = (
+        "cookie" in headers
+        or content_type in _FORM_TYPES
+        or "origin" in headers
+        or "referer" in headers
+    )
+    return from_a_browser and not same_origin(request)
+
+
+def _has_bearer(request: Request) -> bool:
+    # Only Bearer: a browser may attach cached Basic credentials to a cross-site request.
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(value.strip())
+
+
 def same_origin(request: Request) -> bool:
     """Whether Origin (or, lacking it, Referer) names this very host."""
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source:
         return False
     origin = urlsplit(source)
-    return origin.netloc == request.headers.get("host") and origin.scheme in ("http", "https")
+    host = request.headers.get("host", "").lower()
+    return origin.netloc.lower() == host and origin.scheme in ("http", "https")
+
+
+def reviewer_name(text: str) -> str:
+    """A reviewer's name as SPEC 9 has it (trimmed, NFC); ValueError says what is wrong."""
+    name = unicodedata.normalize("NFC", text).strip()
+    if not 1 <= len(name) <= 64:
+        raise ValueError("A reviewer name has 1 to 64 characters.")
+    if name in (".", "..") or "/" in name:
+        raise ValueError("A reviewer name cannot be . or .. or hold a /.")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
+        raise ValueError("A reviewer name cannot hold control characters.")
+    return name
 
 
 def safe_next(target: str | None) -> str:
@@ -165,26 +252,37 @@ async def login_page(request: Request) -> Response:
 
 
 async def login(request: Request) -> Response:
-    """POST /login: check the key, set the session cookie, go back where the user was."""
+    """POST /login: check the key, start a session, go back where the user was.
+
+    The form's origin was checked by AccessControl, as for every form.
+    """
     api_key = request.app.state.settings.api_key
     if not api_key:
         return RedirectResponse("/", status_code=303)
     form = await read_form(request)
-    target = safe_next(form.get("next"))
-    if request.headers.get("origin") and not same_origin(request):
-        return _forbidden("Cross-site sign-in refused.")
+    context = {"next": safe_next(form.get("next")), "reviewer": form.get("reviewer", "")}
     sessions = Sessions(api_key)
     if not sessions.key_matches(form.get("key", "")):
-        context = {"next": target, "error": "That key is not right."}
+        context["error"] = "That key is not right."
         return render(request, "login.html", context, status_code=401)
-    response = RedirectResponse(target, status_code=303)
-    session_cookie(response, request, sessions.issue())
+    try:
+        reviewer = reviewer_name(form["reviewer"]) if form.get("reviewer", "").strip() else None
+    except ValueError as exc:
+        context["error"] = str(exc)
+        return render(request, "login.html", context, status_code=422)
+    token = await sessions.start(request.app.state.pool, reviewer or DEFAULT_REVIEWER)
+    response = RedirectResponse(context["next"], status_code=303)
+    session_cookie(response, request, token)
     return response
 
 
 async def logout(request: Request) -> Response:
-    """POST /logout: forget the session cookie."""
-    response = RedirectResponse("/login", status_code=303)
+    """POST /logout: end the session on every replica, and forget its cookie."""
+    api_key = request.app.state.settings.api_key
+    token = request.cookies.get(COOKIE_NAME)
+    if api_key and token:
+        await Sessions(api_key).end(request.app.state.pool, token)
+    response = RedirectResponse("/login" if api_key else "/", status_code=303)
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
     return response
 

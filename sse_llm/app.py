@@ -22,6 +22,7 @@ from sse_llm.config import ConfigError, Settings, parse_rate
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
 from sse_llm.generation import Generations
+from sse_llm.hosts import HostAllowList, HostPolicy, warn_if_any_host
 from sse_llm.lease import InstanceLease
 from sse_llm.limits import RateLimiter
 from sse_llm.metrics import Metrics, metrics_endpoint
@@ -55,6 +56,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
         middleware=[
             # Outermost first: every request is logged and counted, refused ones included.
             Middleware(RequestLog, metrics=metrics),
+            Middleware(HostAllowList, policy=HostPolicy.from_settings(settings)),
             Middleware(AccessControl, api_key=settings.api_key),
         ],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -107,6 +109,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     drain = asyncio.create_task(_drain_on_exit(app), name="drain-on-exit")
     if not settings.api_key:
         log.warning("SSE_LLM_API_KEY is not set: anyone who can reach this service can use it")
+    warn_if_any_host(settings)
     log.info("ready: provider=%s model=%s", provider.name, provider.model)
     # The ~70,000 objects of imports and startup live as long as the process: left to the
     # collector, every full collection walks them all and stalls every stream (60 ms

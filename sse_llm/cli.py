@@ -84,6 +84,9 @@ def serve(settings: Settings, workers: int) -> None:
     }
     if workers > 1:
         os.environ["DATABASE_URL"] = settings.database_url or ""
+        # --host and --port too: a worker's Host allow-list depends on where it listens.
+        os.environ["SSE_LLM_HOST"] = settings.host
+        os.environ["SSE_LLM_PORT"] = str(settings.port)
         # Workers share their metrics through files here (see metrics.py).
         metrics_dir = tempfile.mkdtemp(prefix="sse-llm-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

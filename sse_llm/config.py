@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +46,8 @@ class Settings:
     overload_lag: float = 0.1  # 0: never hold new streams
     queue_timeout: float = 30.0
     rate_limit: str | None = None  # "60/minute": POST /stream per client
+    # Host names accepted besides the loopback ones; ("*",) for any; None: by the bind.
+    allowed_hosts: tuple[str, ...] | None = None
     log_format: str = "text"
 
     @classmethod
@@ -73,6 +77,7 @@ class Settings:
             overload_lag=_read(env, "SSE_LLM_OVERLOAD_LAG", float, 0.1),
             queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 30.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
+            allowed_hosts=parse_allowed_hosts(env.get("SSE_LLM_ALLOWED_HOSTS")),
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
         )
         settings.validate()
@@ -137,6 +142,30 @@ def parse_rate(text: str) -> tuple[int, float]:
             f"not {text!r}"
         )
     return int(count), float(seconds)
+
+
+def parse_allowed_hosts(text: str | None) -> tuple[str, ...] | None:
+    """`"a.example, ::1"` → ("a.example", "[::1]"): names without scheme or port, or `*`."""
+    entries = [entry.strip().lower() for entry in (text or "").split(",")]
+    names = [_host_name(entry, text or "") for entry in entries if entry]
+    return tuple(dict.fromkeys(names)) or None
+
+
+# A DNS name or an IPv4 address (an IPv6 address is checked by ipaddress).
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+
+
+def _host_name(name: str, text: str) -> str:
+    """One entry of SSE_LLM_ALLOWED_HOSTS as a Host header names it (IPv6 in brackets)."""
+    if name == "*" or _HOST_NAME.fullmatch(name):
+        return name
+    try:
+        return f"[{ipaddress.IPv6Address(name.removeprefix('[').removesuffix(']'))}]"
+    except ValueError:
+        raise ConfigError(
+            "SSE_LLM_ALLOWED_HOSTS must list host names (no scheme, no port) separated by "
+            f"commas, or *, not {text!r}"
+        ) from None
 
 
 def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: T) -> T:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import ipaddress
 import time
 
 from starlette.requests import Request
@@ -44,8 +44,23 @@ class RateLimiter:
 
 
 def client_key(request: Request) -> str:
-    """Who is asking: their API key (hashed) if they sent one, else their address."""
-    authorization = request.headers.get("authorization")
-    if authorization:
-        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
-    return "ip:" + (request.client.host if request.client else "unknown")
+    """Who is asking (SPEC 8): their session if signed in, else their address.
+
+    Never a header the client picks: a made-up bearer value or cookie gets no bucket of
+    its own. The address is the one uvicorn reports, the proxy's client behind a proxy
+    named in FORWARDED_ALLOW_IPS. An IPv6 client usually has a whole /64 to pick
+    addresses from, so that network is one client.
+    """
+    session = getattr(request.state, "session", None)
+    if session is not None:
+        return "session:" + session.token_hash.hex()[:32]
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "ip:" + host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return "ip:" + str(address.ipv4_mapped)
+        return "ip:" + str(ipaddress.IPv6Network((address, 64), strict=False))
+    return "ip:" + str(address)

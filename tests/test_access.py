@@ -1,15 +1,23 @@
-"""SPEC 8: with SSE_LLM_API_KEY set, nothing but /healthz works without the key or a session."""
+"""SPEC 8: with SSE_LLM_API_KEY set, nothing but /healthz works without the key or a session;
+sessions live in PostgreSQL, and no other site can make a browser change anything."""
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
-from sse_llm.access import Sessions
+from sse_llm.access import COOKIE_NAME, Sessions
 from sse_llm.config import Settings
+from sse_llm.database import EmbeddedPostgres, apply_migrations
 from tests.conftest import RunningServer, start_server
+from tests.processes import spawn_server
 
 KEY = "correct horse battery staple"
 
@@ -113,14 +121,171 @@ def test_login_never_redirects_off_site(locked_server: RunningServer) -> None:
         assert response.headers["location"] == "/"
 
 
-def test_forged_or_expired_sessions_are_refused(locked_server: RunningServer) -> None:
-    sessions = Sessions(KEY)
-    expired = sessions.issue(now=0)
-    forged = sessions.issue().split(".")[0] + ".deadbeef"
-    other_key = Sessions("another key").issue()
-    for token in (expired, forged, other_key, "garbage"):
-        response = httpx.get(f"{locked_server.url}/history", cookies={"sse_llm_session": token})
+def sign_in(url: str, reviewer: str | None = None) -> str:
+    """Sign in through the form as a browser does; return the session cookie's token."""
+    form = {"key": KEY, "next": "/"} | ({"reviewer": reviewer} if reviewer is not None else {})
+    response = httpx.post(f"{url}/login", data=form, headers={"Origin": url})
+    assert response.status_code == 303, response.text
+    return response.cookies[COOKIE_NAME]
+
+
+def test_forged_expired_or_revoked_sessions_are_refused(
+    locked_server: RunningServer, db: psycopg.Connection
+) -> None:
+    def session_row(hash_with: Sessions, expires: str, revoked: str | None = None) -> str:
+        token = secrets.token_urlsafe(32)
+        db.execute(
+            "INSERT INTO sessions (token_hash, reviewer, expires_at, revoked_at)"
+            " VALUES (%s, 'someone', now() + %s::interval, now() + %s::interval)",
+            (hash_with.token_hash(token), expires, revoked),
+        )
+        return token
+
+    live = session_row(Sessions(KEY), "1 hour")
+    expired = session_row(Sessions(KEY), "-1 second")
+    revoked = session_row(Sessions(KEY), "1 hour", revoked="-1 second")
+    other_key = session_row(Sessions("another key"), "1 hour")
+    never_issued = secrets.token_urlsafe(32)
+    history = f"{locked_server.url}/history"
+    assert httpx.get(history, cookies={COOKIE_NAME: live}).status_code == 200
+    for token in (expired, revoked, other_key, never_issued, "garbage", live + "x"):
+        response = httpx.get(history, cookies={COOKIE_NAME: token})
         assert response.status_code == 401, token
+
+
+def test_a_session_row_keeps_a_hash_of_the_token_and_the_reviewer_name(
+    locked_server: RunningServer, db: psycopg.Connection
+) -> None:
+    named = sign_in(locked_server.url, reviewer="  Zoe\u0301 ")
+    unnamed = sign_in(locked_server.url, reviewer="")
+    rows = {
+        token: db.execute(
+            "SELECT reviewer, expires_at - created_at, revoked_at FROM sessions"
+            " WHERE token_hash = %s",
+            (Sessions(KEY).token_hash(token),),
+        ).fetchone()
+        for token in (named, unnamed)
+    }
+    assert rows[named] == ("Zo\u00e9", timedelta(days=7), None)  # trimmed, NFC
+    assert rows[unnamed] == ("reviewer", timedelta(days=7), None)
+    stored = db.execute(
+        "SELECT count(*) FROM sessions WHERE position(%s::bytea IN token_hash) > 0",
+        (named.encode(),),
+    ).fetchone()
+    assert stored == (0,)  # the token itself is nowhere in the table
+
+
+@pytest.mark.parametrize("reviewer", ["a/b", ".", "..", "x" * 65, "tab\there", "nul\x00"])
+def test_sign_in_refuses_a_bad_reviewer_name(locked_server: RunningServer, reviewer: str) -> None:
+    response = httpx.post(
+        f"{locked_server.url}/login",
+        data={"key": KEY, "next": "/", "reviewer": reviewer},
+        headers={"Origin": locked_server.url},
+    )
+    assert response.status_code == 422
+    assert "reviewer name" in response.text
+    assert COOKIE_NAME not in response.cookies
+
+
+def test_logout_ends_the_session_on_every_replica_within_a_second(database_url: str) -> None:
+    first = spawn_server(database_url, SSE_LLM_API_KEY=KEY)
+    second = spawn_server(database_url, SSE_LLM_API_KEY=KEY)
+    try:
+        token = sign_in(first.url)
+        cookies = {COOKIE_NAME: token}
+        assert httpx.get(f"{second.url}/history", cookies=cookies).status_code == 200
+        logout = httpx.post(f"{first.url}/logout", cookies=cookies, headers={"Origin": first.url})
+        assert logout.status_code == 303
+        signed_out = time.monotonic()
+        while httpx.get(f"{second.url}/history", cookies=cookies).status_code != 401:
+            assert time.monotonic() - signed_out < 1, "the session outlived its logout"
+            time.sleep(0.05)
+        assert httpx.get(f"{first.url}/history", cookies=cookies).status_code == 401
+        # Signing in again gives a new session that works on both.
+        again = {COOKIE_NAME: sign_in(second.url)}
+        assert httpx.get(f"{first.url}/history", cookies=again).status_code == 200
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_database_outage_during_a_session_check_answers_503(
+    tmp_path: Path, base_settings: Settings
+) -> None:
+    postgres = EmbeddedPostgres(tmp_path).start()
+    try:
+        apply_migrations(postgres.url)
+        server = start_server(base_settings.with_changes(database_url=postgres.url, api_key=KEY))
+        try:
+            cookies = {COOKIE_NAME: sign_in(server.url)}
+            playground = f"{server.url}/playground"  # a page that reads nothing else
+            assert httpx.get(playground, cookies=cookies).status_code == 200
+            postgres.stop()
+            try:
+                response = httpx.get(playground, cookies=cookies, timeout=15)
+                assert response.status_code == 503
+                assert response.json()["error"]["code"] == "database_unavailable"
+                assert "psycopg" not in response.text and "Traceback" not in response.text
+            finally:
+                postgres.start()
+            deadline = time.monotonic() + 20
+            while httpx.get(playground, cookies=cookies, timeout=15).status_code != 200:
+                assert time.monotonic() < deadline, "the session did not come back"
+                time.sleep(0.2)
+        finally:
+            server.stop()
+    finally:
+        postgres.stop()
+
+
+def test_sign_in_form_from_another_site_or_none_is_refused(locked_server: RunningServer) -> None:
+    form = {"key": KEY, "next": "/"}
+    for headers in ({}, {"Origin": "https://evil.example"}, {"Origin": "null"}):
+        response = httpx.post(f"{locked_server.url}/login", data=form, headers=headers)
+        assert response.status_code == 403, headers
+        assert response.json()["error"]["code"] == "forbidden"
+        assert COOKIE_NAME not in response.cookies
+    by_referer = httpx.post(
+        f"{locked_server.url}/login", data=form, headers={"Referer": f"{locked_server.url}/login"}
+    )
+    assert by_referer.status_code == 303
+
+
+CANCEL = "/conversations/00000000-0000-0000-0000-000000000000/cancel"
+
+
+def test_an_open_service_refuses_changes_sent_from_another_site(
+    demo_server: RunningServer,
+) -> None:
+    url = demo_server.url
+    evil = "https://evil.example"
+    refused = [
+        # A cross-site <form> or no-cors fetch: simple content types, no preflight.
+        {"content": "x", "headers": {"Content-Type": "text/plain", "Origin": evil}},
+        {"data": {"a": "b"}, "headers": {"Origin": evil}},
+        {"files": {"f": b"x"}, "headers": {"Referer": f"{evil}/page"}},
+        {"headers": {"Origin": evil}},  # a body-less fetch still names its origin
+        # No origin at all, but what only a browser sends: a form body or a cookie.
+        {"data": {"a": "b"}},
+        {"json": {}, "headers": {"Cookie": "sse_llm_session=x"}},
+        # A look-alike of this origin.
+        {"data": {"a": "b"}, "headers": {"Origin": url + ".evil.example"}},
+    ]
+    for request in refused:
+        response = httpx.post(url + CANCEL, **request)  # type: ignore[arg-type]
+        assert response.status_code == 403, request
+        assert response.json()["error"]["code"] == "forbidden"
+    allowed = [
+        {"data": {"a": "b"}, "headers": {"Origin": url}},
+        {"headers": {"Cookie": "a=b", "Referer": f"{url}/playground"}},
+        {"headers": {"Cookie": "a=b", "Authorization": "Bearer anything"}},  # no page can
+        {"json": {}},  # a program: no cookie, no form, no Origin
+    ]
+    for request in allowed:
+        response = httpx.post(url + CANCEL, **request)  # type: ignore[arg-type]
+        assert response.status_code == 404, request  # it reached the route
+    with httpx.stream("POST", f"{url}/stream", json={"prompt": "curl-like"}) as response:
+        assert response.status_code == 200
 
 
 def test_open_service_says_so_in_its_log(

@@ -8,11 +8,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from sse_llm.config import ConfigError, Settings
 from tests.conftest import with_database
+from tests.processes import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,11 +65,21 @@ def test_environment_is_read() -> None:
         ("OPENAI_BASE_URL", "localhost:8080", "OPENAI_BASE_URL"),
         ("SSE_LLM_OVERLOAD_LAG", "-0.1", "SSE_LLM_OVERLOAD_LAG"),
         ("SSE_LLM_QUEUE_TIMEOUT", "0", "SSE_LLM_QUEUE_TIMEOUT"),
+        ("SSE_LLM_ALLOWED_HOSTS", "https://sse.example.com", "SSE_LLM_ALLOWED_HOSTS"),
+        ("SSE_LLM_ALLOWED_HOSTS", "sse.example.com:8000", "SSE_LLM_ALLOWED_HOSTS"),
+        ("SSE_LLM_ALLOWED_HOSTS", "a.example b.example", "SSE_LLM_ALLOWED_HOSTS"),
     ],
 )
 def test_bad_value_is_refused_with_its_name(name: str, value: str, mentions: str) -> None:
     with pytest.raises(ConfigError, match=mentions):
         Settings.from_env({name: value})
+
+
+def test_allowed_hosts_are_read_as_host_names() -> None:
+    settings = Settings.from_env({"SSE_LLM_ALLOWED_HOSTS": " SSE.example.com, 10.0.0.5,::1,"})
+    assert settings.allowed_hosts == ("sse.example.com", "10.0.0.5", "[::1]")
+    assert Settings.from_env({"SSE_LLM_ALLOWED_HOSTS": "*"}).allowed_hosts == ("*",)
+    assert Settings.from_env({}).allowed_hosts is None
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -85,6 +97,20 @@ def test_serve_refuses_a_bad_setting_clearly() -> None:
     assert result.returncode == 2
     assert "LLM_PROVIDER" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_workers_keeps_the_host_it_was_told(database_url: str) -> None:
+    # Each worker reads its settings from the environment: --host must reach them, or a
+    # worker on 0.0.0.0 would believe it listens on 127.0.0.1 and refuse every LAN name.
+    server = spawn_server(database_url, "--workers", "2", "--host", "0.0.0.0")
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        for _ in range(4):  # whichever worker answers
+            response = httpx.get(f"{server.url}/history", headers={"Host": f"box.lan:{port}"})
+            assert response.status_code == 200
+    finally:
+        server.stop()
+    assert "any Host name is accepted" in server.log()
 
 
 def test_migrate_applies_migrations_alone(database_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -13,10 +14,11 @@ import httpx
 import psycopg
 import pytest
 from openapi_spec_validator import validate
+from starlette.requests import Request
 
 from sse_llm.config import Settings
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
-from sse_llm.limits import RateLimiter
+from sse_llm.limits import RateLimiter, client_key
 from sse_llm.logs import JsonFormatter, TextFormatter
 from tests.conftest import RunningServer, start_server
 from tests.fake_upstream import FakeUpstream, Script
@@ -160,11 +162,61 @@ def test_too_many_streams_from_one_client_get_429(limited_server: RunningServer)
         for _ in range(3):
             assert stream_prompt(client, "allowed")[0].status_code == 200
         refused, _ = stream_prompt(client, "one too many")
-        other_key, _ = stream_prompt(client, "other client", headers={"Authorization": "Bearer x"})
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(refused.headers["retry-after"]) <= 20
-    assert other_key.status_code == 200
+
+
+def test_made_up_bearer_values_and_cookies_do_not_earn_a_client_more_streams(
+    base_settings: Settings,
+) -> None:
+    server = start_server(base_settings.with_changes(rate_limit="3/minute"))
+    try:
+        statuses = []
+        for attempt in range(12):  # six random bearer values and six random cookies
+            value = secrets.token_urlsafe(16)
+            if attempt % 2 == 0:
+                headers = {"Authorization": f"Bearer {value}"}
+            else:
+                headers = {"Cookie": f"sse_llm_session={value}", "Origin": server.url}
+            with httpx.Client(base_url=server.url, headers=headers) as client:
+                statuses.append(stream_prompt(client, "made up")[0].status_code)
+    finally:
+        server.stop()
+    assert statuses == [200] * 3 + [429] * 9  # one client: one address
+
+
+def test_each_signed_in_browser_has_a_limit_of_its_own(base_settings: Settings) -> None:
+    server = start_server(base_settings.with_changes(rate_limit="3/minute", api_key="k"))
+    try:
+        sessions = []
+        for _ in range(2):
+            login = httpx.post(
+                f"{server.url}/login", data={"key": "k"}, headers={"Origin": server.url}
+            )
+            sessions.append({"sse_llm_session": login.cookies["sse_llm_session"]})
+        origin = {"Origin": server.url}
+        with httpx.Client(base_url=server.url, headers=origin) as client:
+            first = [
+                stream_prompt(client, "first", cookies=sessions[0])[0].status_code for _ in range(4)
+            ]
+            second = stream_prompt(client, "second", cookies=sessions[1])[0].status_code
+    finally:
+        server.stop()
+    assert first == [200, 200, 200, 429]
+    assert second == 200  # the same address, another session
+
+
+def key_of(address: str) -> str:
+    """The rate limit's key for a client without a session at `address`."""
+    return client_key(Request({"type": "http", "client": (address, 40000), "headers": []}))
+
+
+def test_an_ipv6_client_is_one_client_across_its_64_network() -> None:
+    assert key_of("2001:db8:1:2::5") == key_of("2001:db8:1:2:ffff:1:2:3")
+    assert key_of("2001:db8:1:2::5") != key_of("2001:db8:1:3::5")
+    assert key_of("::ffff:192.0.2.7") == key_of("192.0.2.7")
+    assert key_of("192.0.2.7") != key_of("192.0.2.8")
 
 
 def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
@@ -187,8 +239,8 @@ def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
 def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: RunningServer) -> None:
     host, port = demo_server.url.removeprefix("http://").split(":")
     for request in (
-        b"GET /history HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
-        b"GET /history?q=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /history HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /history?q=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
     ):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(request)
@@ -216,7 +268,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_answer_still_saved(
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "never read"}).encode()
     request = (
-        b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /stream HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     try:
