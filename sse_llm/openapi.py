@@ -78,13 +78,38 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "description": "Stream a language model's answer as Server-Sent Events; "
             "every conversation is kept in PostgreSQL.",
         },
-        "paths": _paths(settings),
+        "paths": _with_access_errors(_paths(settings)),
         "components": {"schemas": _SCHEMAS},
     }
     if settings.api_key:
         document["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"apiKey": []}]
     return document
+
+
+# Probes answer whatever the Host (SPEC 8): a load balancer sends an address.
+_ANY_HOST = frozenset({"/healthz", "/readyz"})
+_INVALID_HOST = "Or `invalid_host`: the Host header is not one this service answers to."
+
+
+def _with_access_errors(paths: dict[str, Any]) -> dict[str, Any]:
+    """Add the errors of the access layer (hosts.py, access.py) every route can answer."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path not in _ANY_HOST:
+                described = responses.get("400")
+                if described is None:
+                    shape = _openai_error if path.startswith("/v1/") else _error
+                    responses["400"] = shape(_INVALID_HOST)
+                else:
+                    described["description"] += " " + _INVALID_HOST
+            if method != "get":
+                responses.setdefault(
+                    "403",
+                    _error("A browser's change sent from another origin (SPEC 8)."),
+                )
+    return paths
 
 
 def _paths(settings: Settings) -> dict[str, Any]:

@@ -111,6 +111,26 @@ def test_login_sets_a_strict_http_only_cookie_that_works(locked_server: RunningS
         assert client.get("/history").status_code == 401
 
 
+def test_pages_show_who_is_signed_in_and_a_sign_out_form_that_works(
+    locked_server: RunningServer,
+) -> None:
+    with httpx.Client(base_url=locked_server.url) as client:
+        client.post(
+            "/login",
+            data={"key": KEY, "reviewer": "Ada <b>", "next": "/"},
+            headers={"Origin": locked_server.url},
+        )
+        page = client.get("/", headers={"Accept": "text/html"})
+        assert page.status_code == 200
+        assert 'action="/logout"' in page.text
+        assert "Ada &lt;b&gt;" in page.text  # the name is escaped
+        # The form posts from the page's own origin, as a browser would send it.
+        out = client.post("/logout", data={}, headers={"Origin": locked_server.url})
+        assert out.status_code == 303
+        again = client.get("/", headers={"Accept": "text/html"})
+        assert again.status_code == 303 and again.headers["location"].startswith("/login")
+
+
 def test_login_never_redirects_off_site(locked_server: RunningServer) -> None:
     for target in ["https://evil.example/", "//evil.example/", "/\\evil.example"]:
         response = httpx.post(
