@@ -263,6 +263,50 @@ def test_a_burst_of_simultaneous_streams_runs_no_more_than_the_cap(
     assert rows == [("completed", 5)]
 
 
+def test_a_stream_whose_row_could_not_be_created_gives_its_slot_back(
+    base_settings: Settings, database_url: str, db: psycopg.Connection
+) -> None:
+    """Under SSE_LLM_MAX_STREAMS=1, a create that fails (the writer's connection drops
+    while it waits for a lock) answers 503 and frees the one slot for the next stream."""
+    server = start_server(base_settings.with_changes(max_streams=1))
+    try:
+        with psycopg.connect(database_url, autocommit=True) as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE conversations IN EXCLUSIVE MODE")
+            answers: list[httpx.Response] = []
+            failing = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(f"{server.url}/stream", json={"prompt": "x"}, timeout=30)
+                )
+            )
+            failing.start()
+            _terminate_the_backend_waiting_for(db, "INSERT INTO conversations")
+            failing.join(30)
+            blocker.execute("ROLLBACK")
+        assert answers[0].status_code == 503
+        assert answers[0].json()["error"]["code"] == "database_unavailable"
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            response, events = stream_prompt(client, "the slot is free again")
+        assert response.status_code == 200 and events[-1].event == "done"
+    finally:
+        server.stop()
+
+
+def _terminate_the_backend_waiting_for(db: psycopg.Connection, statement: str) -> None:
+    """Drop the connection whose `statement` waits for a lock."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{statement}%",),
+        ).fetchone()
+        if row is not None:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nobody waited to run {statement}")
+
+
 def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: RunningServer) -> None:
     host, port = demo_server.url.removeprefix("http://").split(":")
     for request in (
