@@ -280,7 +280,8 @@ def test_a_stream_whose_row_could_not_be_created_gives_its_slot_back(
                 )
             )
             failing.start()
-            _terminate_the_backend_waiting_for(db, "INSERT INTO conversations")
+            writer = backend_waiting_for_lock(db, "INSERT INTO conversations")
+            db.execute("SELECT pg_terminate_backend(%s)", (writer,))
             failing.join(30)
             blocker.execute("ROLLBACK")
         assert answers[0].status_code == 503
@@ -292,17 +293,17 @@ def test_a_stream_whose_row_could_not_be_created_gives_its_slot_back(
         server.stop()
 
 
-def _terminate_the_backend_waiting_for(db: psycopg.Connection, statement: str) -> None:
-    """Drop the connection whose `statement` waits for a lock."""
+def backend_waiting_for_lock(db: psycopg.Connection, statement: str) -> int:
+    """The process id of the connection whose `statement` waits for a lock, once it does."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         row = db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            "SELECT pid FROM pg_stat_activity"
             " WHERE wait_event_type = 'Lock' AND query LIKE %s AND pid <> pg_backend_pid()",
             (f"%{statement}%",),
         ).fetchone()
         if row is not None:
-            return
+            return int(row[0])
         time.sleep(0.05)
     raise AssertionError(f"nobody waited to run {statement}")
 

@@ -12,6 +12,7 @@ import psycopg
 from tests.conftest import word
 from tests.processes import spawn_server
 from tests.sse_client import Event, iter_events
+from tests.test_operations import backend_waiting_for_lock
 from tests.test_processes import BackgroundStream, stored
 
 
@@ -40,7 +41,7 @@ class LateStream:
 
 
 def test_a_stream_whose_row_is_created_while_the_drain_waits_ends_interrupted(
-    database_url: str,
+    database_url: str, db: psycopg.Connection
 ) -> None:
     """A request admitted just before SIGTERM, still waiting for its row (the table is
     locked) when the grace period ends: once created, its stream is stopped and awaited
@@ -56,9 +57,9 @@ def test_a_stream_whose_row_is_created_while_the_drain_waits_ends_interrupted(
         running = BackgroundStream(server.url, f"{tag} running")
         running.wait_chunks(1)
         with psycopg.connect(database_url) as blocker:
-            blocker.execute("LOCK TABLE conversations IN EXCLUSIVE MODE")
+            blocker.execute("LOCK TABLE conversations IN SHARE MODE")  # new rows wait
             late = LateStream(server.url, f"{tag} late")
-            time.sleep(1)  # admitted; its row waits behind the lock
+            backend_waiting_for_lock(db, "INSERT INTO conversations")  # admitted, row pending
             server.signal(signal.SIGTERM)
             time.sleep(2.5)  # the grace period ends; the running stream is stopped
             blocker.rollback()
