@@ -55,15 +55,28 @@ class Admission:
         if not self._waiting and self.running < self.limit:
             self.running += 1
             return False
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._waiting.append(future)
         self._waiting_gauge.inc()
+        # The future alone says how the wait ended: `_admit` sets its result (and counts
+        # us in), the timer its TimeoutError, whichever comes first. A timeout that
+        # cancels the wait instead (`wait_for` on 3.12+) can fire in the loop iteration
+        # that admitted us: both would happen, and the slot counted for us would leak.
+        expiry = loop.call_later(self._max_wait, _expire, future)
         try:
-            await asyncio.wait_for(future, self._max_wait)  # `_admit` counts us in
+            await future
         except TimeoutError:
             message = "The service is overloaded: the stream could not start in time."
             raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
+        except BaseException:
+            # Cancelled (the request went away): if admitted in the same loop iteration,
+            # nobody else will give the slot back.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.leave()
+            raise
         finally:
+            expiry.cancel()
             self._waiting_gauge.dec()
         return True
 
@@ -108,3 +121,9 @@ class Admission:
                         return
         finally:
             self._ticker = None
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    """The queue timeout: refuse the waiter unless it was admitted already."""
+    if not future.done():
+        future.set_exception(TimeoutError())

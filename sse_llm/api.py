@@ -55,9 +55,13 @@ async def start_generation(
 ) -> tuple[Conversation, Generation, Subscriber]:
     """Admit a new stream, create its conversation, start it, and subscribe to it."""
     state = request.app.state
-    admit_stream(request)
+    admit_stream(request)  # from here on, this request holds a slot of SSE_LLM_MAX_STREAMS
     admission = state.admission
-    waited = await admission.enter()  # waits while the process is overloaded
+    try:
+        waited = await admission.enter()  # waits while the process is overloaded
+    except BaseException:
+        state.generations.release()
+        raise
     try:
         if waited:
             if await request.is_disconnected():
@@ -76,7 +80,9 @@ async def start_generation(
         conversation = await state.writer.create(new)
     except BaseException:
         admission.leave()
+        state.generations.release()
         raise
+    # No await from here on: the slot and the admission pass to the generation at once.
     generation: Generation = state.generations.start(
         conversation, request.scope.get("state", {}).get("request_id")
     )
@@ -86,20 +92,24 @@ async def start_generation(
 
 
 def admit_stream(request: Request, *, again: bool = False) -> None:
-    """Refuse a new stream while shutting down, past the rate limit, or past the cap.
+    """Refuse a new stream while shutting down, past the rate limit, or past the cap; else
+    take one of the cap's slots (`generations.start()` takes it over, or `release()`).
 
-    `again`: after waiting for admission, when the rate limit has been paid already.
+    `again`: after waiting for admission, when the rate limit is paid and the slot taken.
     """
     state = request.app.state
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "The service is shutting down. Try another replica.")
-    if state.rate_limiter is not None and not again:
+    if again:
+        return
+    if state.rate_limiter is not None:
         wait = state.rate_limiter.acquire(client_key(request))
         if wait is not None:
             retry_after = str(max(1, math.ceil(wait)))
             message = f"Too many streams started. Try again in {retry_after} s."
             raise ApiError(429, "rate_limited", message, {"Retry-After": retry_after})
-    if len(state.generations) >= state.settings.max_streams:
+    # Checked and taken in one step, with no await between: a burst cannot all pass.
+    if not state.generations.reserve():
         message = "Too many streams are running. Try again shortly."
         raise ApiError(503, "too_many_streams", message, {"Retry-After": "1"})
 

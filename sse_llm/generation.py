@@ -7,6 +7,7 @@ a client that disconnects only unsubscribes, and the answer is still completed a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -313,17 +314,44 @@ class Generations:
         self._pool = pool
         self._settings = settings
         self._running: dict[UUID, Generation] = {}
+        # Slots of SSE_LLM_MAX_STREAMS taken by requests still creating their row: counted
+        # from the admission decision on, or a burst would all pass while none is running.
+        self._reserved = 0
+        self._closing = False  # shutting down: every new generation is interrupted at once
+        self._idle = asyncio.Event()  # nothing running or reserved, while closing
         self._watchdog: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return len(self._running)
+        """Streams running, or admitted and about to (their slot is reserved)."""
+        return len(self._running) + self._reserved
+
+    def reserve(self) -> bool:
+        """Take one of SSE_LLM_MAX_STREAMS' slots for a stream about to start; False if
+        none is free. `start()` takes the slot over; else give it back with `release()`."""
+        if len(self) >= self._settings.max_streams:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a slot taken by `reserve()` for a stream that will not start."""
+        self._reserved -= 1
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._closing and not self._running and not self._reserved:
+            self._idle.set()
 
     def ids(self) -> list[UUID]:
         """The conversations this process is generating right now."""
         return list(self._running)
 
     def start(self, conversation: Conversation, request_id: str | None = None) -> Generation:
-        """Start generating the answer to a new conversation."""
+        """Start generating the answer to a new conversation, in a slot from `reserve()`.
+
+        Once shutting down, its row exists already: it starts interrupted, so its client
+        hears the end and the row says so, and `shutdown()` waits for it like any other.
+        """
         generation = Generation(
             conversation,
             self._provider,
@@ -333,14 +361,21 @@ class Generations:
             self._metrics,
             request_id,
         )
-        if self._watchdog is None:
+        if self._closing:
+            generation.stop("interrupted")
+        elif self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name="watchdog")
         generation.task = asyncio.create_task(
             generation.run(), name=f"generation-{conversation.id}"
         )
+        self._reserved -= 1
         self._running[conversation.id] = generation
-        generation.task.add_done_callback(lambda _: self._running.pop(conversation.id, None))
+        generation.task.add_done_callback(lambda _: self._end(conversation.id))
         return generation
+
+    def _end(self, conversation_id: UUID) -> None:
+        self._running.pop(conversation_id, None)
+        self._check_idle()
 
     def get(self, conversation_id: UUID) -> Generation | None:
         """The running generation of a conversation, if this process runs it."""
@@ -377,15 +412,23 @@ class Generations:
                     generation.ping_idle_subscribers(now - ping_interval)
 
     async def shutdown(self, grace: float) -> None:
-        """Let running generations finish for `grace` seconds, then interrupt the rest."""
-        tasks = [g.task for g in self._running.values() if g.task is not None]
-        if tasks:
-            log.info("waiting up to %gs for %d running streams", grace, len(tasks))
+        """Let running generations finish for `grace` seconds, then interrupt the rest.
+
+        From the first moment, new generations start interrupted; every generation is
+        awaited, those registered meanwhile too, as are the requests still creating a
+        row (they will start one), so the writer is not closed under any of them.
+        """
+        self._closing = True
+        self._check_idle()
+        if not self._idle.is_set():
+            log.info("waiting up to %gs for %d running streams", grace, len(self))
             if grace > 0:
-                await asyncio.wait(tasks, timeout=grace)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(grace):
+                        await self._idle.wait()
             for generation in list(self._running.values()):
                 generation.stop("interrupted")
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._idle.wait()
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)

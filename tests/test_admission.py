@@ -89,6 +89,55 @@ async def test_a_stream_that_waits_too_long_gets_503_overloaded() -> None:
     assert admission.running == 1 and waiting() == 0
 
 
+async def one_running_one_waiting(max_wait: float) -> tuple[Admission, asyncio.Task[bool]]:
+    """A gate holding one stream, limited to one, and a second stream waiting its turn."""
+    admission, _ = gate(Lag(), max_wait=max_wait)
+    admission.limit = 1  # as a cut would set it, without a ticker moving it meanwhile
+    await admission.enter()
+    waiter = asyncio.create_task(admission.enter())
+    await asyncio.sleep(0)  # it queues, and its queue timeout starts
+    return admission, waiter
+
+
+def block_the_loop(seconds: float) -> None:
+    """Keep the event loop busy, so every timer due meanwhile fires in its next iteration."""
+    time.sleep(seconds)  # in a plain function: the point is that nothing else runs
+
+
+async def test_a_waiter_admitted_as_its_queue_timeout_fires_is_counted_once() -> None:
+    """The stream ahead ends just before the waiter's queue timeout, both handled in one
+    loop iteration (3.12's `wait_for` then raised TimeoutError with the slot counted)."""
+    admission, waiter = await one_running_one_waiting(max_wait=0.2)
+    asyncio.get_running_loop().call_later(0.1, admission.leave)
+    block_the_loop(0.3)
+    assert await waiter is True  # admitted before its deadline: not refused
+    assert admission.running == 1
+    admission.leave()
+    assert admission.running == 0 and await admission.enter() is False  # no slot leaked
+
+
+async def test_a_waiter_cancelled_as_it_is_admitted_gives_its_slot_back() -> None:
+    """The request goes away (its task is cancelled) in the loop iteration that admits it."""
+    admission, waiter = await one_running_one_waiting(max_wait=5)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, admission.leave)
+    loop.call_later(0.15, waiter.cancel)
+    block_the_loop(0.3)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert admission.running == 0
+
+
+async def test_a_waiter_cancelled_while_waiting_is_never_counted() -> None:
+    admission, waiter = await one_running_one_waiting(max_wait=5)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    admission.leave()  # the stream ahead ends: nobody is waiting any more
+    assert admission.running == 0
+    assert await admission.enter() is False
+
+
 async def test_the_limit_is_dropped_once_it_holds_nobody_back() -> None:
     lag = Lag()
     admission, _ = await ten_running_then_late(lag)

@@ -7,8 +7,11 @@ import logging
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import psycopg
@@ -20,7 +23,7 @@ from sse_llm.config import Settings
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
 from sse_llm.limits import RateLimiter, client_key
 from sse_llm.logs import JsonFormatter, TextFormatter
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, start_server, word
 from tests.fake_upstream import FakeUpstream, Script
 from tests.sse_client import iter_events, stream_prompt
 
@@ -234,6 +237,127 @@ def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
             assert second.json()["error"]["code"] == "too_many_streams"
     finally:
         server.stop()
+
+
+@dataclass
+class Attempt:
+    """One stream of a burst: its answer, and when it ran (monotonic seconds) if it did."""
+
+    status: int = 0
+    code: str | None = None
+    retry_after: str | None = None
+    started: float = 0.0
+    ended: float = 0.0
+    end_event: str | None = None
+
+
+def _stream_at_the_barrier(url: str, prompt: str, barrier: threading.Barrier) -> Attempt:
+    attempt = Attempt()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        barrier.wait()  # every thread sends its request at the same moment
+        with client.stream("POST", "/stream", json={"prompt": prompt}) as response:
+            attempt.status = response.status_code
+            if response.status_code != 200:
+                response.read()
+                attempt.code = response.json()["error"]["code"]
+                attempt.retry_after = response.headers.get("retry-after")
+                return attempt
+            events = iter_events(response)
+            next(events)  # start: the generation runs
+            attempt.started = time.monotonic()
+            attempt.end_event = [event.event for event in events][-1]
+            attempt.ended = time.monotonic()
+    return attempt
+
+
+def most_at_once(attempts: list[Attempt]) -> int:
+    """The largest number of streams that ran at the same moment."""
+    moments = sorted(
+        [(a.started, 1) for a in attempts if a.status == 200]
+        + [(a.ended, -1) for a in attempts if a.status == 200]
+    )
+    running = peak = 0
+    for _, change in moments:  # an end sorts before a start at the same moment
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def test_a_burst_of_simultaneous_streams_runs_no_more_than_the_cap(
+    base_settings: Settings, db: psycopg.Connection
+) -> None:
+    """30 requests at once under SSE_LLM_MAX_STREAMS=5: those still creating their row
+    count too, so 5 run, 25 get 503 `too_many_streams` with Retry-After and create nothing."""
+    server = start_server(
+        base_settings.with_changes(max_streams=5, demo_tokens=30, demo_tokens_per_second=10)
+    )
+    tag = word()
+    barrier = threading.Barrier(30)
+    try:
+        with ThreadPoolExecutor(30) as pool:
+            futures = [
+                pool.submit(_stream_at_the_barrier, server.url, f"{tag} {n}", barrier)
+                for n in range(30)
+            ]
+            attempts = [future.result(timeout=120) for future in futures]
+    finally:
+        server.stop()
+    ran = [a for a in attempts if a.status == 200]
+    refused = [a for a in attempts if a.status != 200]
+    assert most_at_once(attempts) <= 5
+    assert len(ran) == 5, [(a.status, a.code) for a in attempts]  # all start before any ends
+    assert all(a.end_event == "done" for a in ran)
+    assert {(a.status, a.code, a.retry_after) for a in refused} == {(503, "too_many_streams", "1")}
+    rows = db.execute(
+        "SELECT status, count(*) FROM conversations WHERE prompt LIKE %s GROUP BY status",
+        (f"{tag} %",),
+    ).fetchall()
+    assert rows == [("completed", 5)]
+
+
+def test_a_stream_whose_row_could_not_be_created_gives_its_slot_back(
+    base_settings: Settings, database_url: str, db: psycopg.Connection
+) -> None:
+    """Under SSE_LLM_MAX_STREAMS=1, a create that fails (the writer's connection drops
+    while it waits for a lock) answers 503 and frees the one slot for the next stream."""
+    server = start_server(base_settings.with_changes(max_streams=1))
+    try:
+        with psycopg.connect(database_url, autocommit=True) as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE conversations IN EXCLUSIVE MODE")
+            answers: list[httpx.Response] = []
+            failing = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(f"{server.url}/stream", json={"prompt": "x"}, timeout=30)
+                )
+            )
+            failing.start()
+            writer = backend_waiting_for_lock(db, "INSERT INTO conversations")
+            db.execute("SELECT pg_terminate_backend(%s)", (writer,))
+            failing.join(30)
+            blocker.execute("ROLLBACK")
+        assert answers[0].status_code == 503
+        assert answers[0].json()["error"]["code"] == "database_unavailable"
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            response, events = stream_prompt(client, "the slot is free again")
+        assert response.status_code == 200 and events[-1].event == "done"
+    finally:
+        server.stop()
+
+
+def backend_waiting_for_lock(db: psycopg.Connection, statement: str) -> int:
+    """The process id of the connection whose `statement` waits for a lock, once it does."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = db.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{statement}%",),
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        time.sleep(0.05)
+    raise AssertionError(f"nobody waited to run {statement}")
 
 
 def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: RunningServer) -> None:
