@@ -10,7 +10,7 @@ from sse_llm.store import Chunk, Conversation, Outcome
 
 # No raw newline can appear in this JSON, so one `data:` line always suffices. One
 # encoder for all: json.dumps with options builds a new one per call.
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 # Line breaks to Python's str.splitlines() (so to httpx's iter_lines(), and to many
 # line-based SSE clients) that JSON leaves raw: a client splitting a `data:` line on
@@ -34,7 +34,7 @@ def line_safe(text: str) -> str:
 
 
 def _json(value: object) -> str:
-    return line_safe(_encoder.encode(value))
+    return line_safe(_encode(value))
 
 
 def start_event(conversation: Conversation) -> bytes:
@@ -49,8 +49,9 @@ def start_event(conversation: Conversation) -> bytes:
 
 def chunk_events(chunks: Iterable[Chunk]) -> bytes:
     """One unnamed event per chunk, its `id:` the chunk's sequence number (for Last-Event-ID)."""
-    encode = _encoder.encode
-    text = "".join(f"id: {chunk.seq}\ndata: {encode({'text': chunk.text})}\n\n" for chunk in chunks)
+    text = "".join(
+        f"id: {chunk.seq}\ndata: {_encode({'text': chunk.text})}\n\n" for chunk in chunks
+    )
     # Made line-safe once per batch, not per chunk; ASCII (most batches) needs nothing.
     return (text if text.isascii() else line_safe(text)).encode()
 
