@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -22,6 +21,7 @@ from sse_llm.errors import ApiError
 from sse_llm.events import chunk_events, live_events, start_event
 from sse_llm.generation import Generation, Subscriber
 from sse_llm.limits import client_key
+from sse_llm.request_body import parse_json_object
 from sse_llm.store import STATUSES, Chunk, Conversation, NewConversation, Outcome
 
 # Sent first on attach: how long EventSource waits before reconnecting (ms).
@@ -295,7 +295,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or the SPEC 6 error (415, 413, 400, 422)."""
+    """The request body as a storable JSON object, or the SPEC 6 error (415, 413, 400, 422)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(
@@ -309,13 +309,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         body += part
         if len(body) > MAX_BODY_BYTES:
             raise _too_large()
-    try:
-        data = json.loads(body)
-    except ValueError:  # also covers bytes that are not UTF-8
-        raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "validation_error", "The body must be a JSON object.")
-    return data
+    # Parsed, and every string in it checked storable, before anything is queued.
+    return parse_json_object(bytes(body))
 
 
 def _too_large() -> ApiError:
@@ -334,13 +329,7 @@ def validate_prompt(body: dict[str, Any], max_chars: int) -> str:
     prompt = body["prompt"]
     if not isinstance(prompt, str):
         raise ApiError(422, "validation_error", "prompt must be a string.")
-    if "\x00" in prompt:
-        raise ApiError(422, "validation_error", "prompt must not contain NUL characters.")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        message = "prompt must be valid Unicode text (it holds a lone surrogate)."
-        raise ApiError(422, "validation_error", message) from None
+    # NUL and lone surrogates were refused with the rest of the body (read_json_object).
     prompt = prompt.strip()
     if not prompt:
         raise ApiError(422, "validation_error", "prompt must not be empty.")

@@ -10,11 +10,31 @@ from sse_llm.store import Chunk, Conversation, Outcome
 
 # No raw newline can appear in this JSON, so one `data:` line always suffices. One
 # encoder for all: json.dumps with options builds a new one per call.
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+
+# Line breaks to Python's str.splitlines() (so to httpx's iter_lines(), and to many
+# line-based SSE clients) that JSON leaves raw: a client splitting a `data:` line on
+# one loses the event. The other splitlines() breaks are control characters, which
+# JSON always escapes.
+_LINE_BREAKS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
+
+
+def line_safe(text: str) -> str:
+    """`text` (JSON) with U+0085, U+2028 and U+2029 escaped, so it stays one line for everyone.
+
+    The hot path: ASCII text (most chunks) costs one check; other text three scans, and
+    a copy only when one of the three is really there.
+    """
+    if text.isascii():
+        return text
+    for char, escape in _LINE_BREAKS:
+        if char in text:
+            text = text.replace(char, escape)
+    return text
 
 
 def _json(value: object) -> str:
-    return _encoder.encode(value)
+    return line_safe(_encode(value))
 
 
 def start_event(conversation: Conversation) -> bytes:
@@ -29,9 +49,11 @@ def start_event(conversation: Conversation) -> bytes:
 
 def chunk_events(chunks: Iterable[Chunk]) -> bytes:
     """One unnamed event per chunk, its `id:` the chunk's sequence number (for Last-Event-ID)."""
-    return "".join(
-        f"id: {chunk.seq}\ndata: {_json({'text': chunk.text})}\n\n" for chunk in chunks
-    ).encode()
+    text = "".join(
+        f"id: {chunk.seq}\ndata: {_encode({'text': chunk.text})}\n\n" for chunk in chunks
+    )
+    # Made line-safe once per batch, not per chunk; ASCII (most batches) needs nothing.
+    return (text if text.isascii() else line_safe(text)).encode()
 
 
 def end_event(conversation_id: UUID, outcome: Outcome) -> bytes:

@@ -17,9 +17,10 @@ from starlette.routing import Route
 
 from sse_llm.api import closing, read_json_object, sse_response, start_generation
 from sse_llm.errors import ApiError
-from sse_llm.events import ping_comment
+from sse_llm.events import line_safe, ping_comment
 from sse_llm.generation import Subscriber
 from sse_llm.providers.base import last_user_text, message_text
+from sse_llm.request_body import InvalidField
 from sse_llm.store import Chunk, Conversation, Outcome
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -27,6 +28,8 @@ ROLES = frozenset({"system", "developer", "user", "assistant"})
 PASSED_THROUGH = ("temperature", "top_p", "max_tokens", "stop", "user")
 # Accepted for compatibility; they change nothing here.
 HARMLESS = frozenset({"stream", "stream_options", "model", "messages", "n"})
+# The model is stored with each conversation and filtered on: a bounded, indexable name.
+MAX_MODEL_CHARS = 200
 # How an ended generation maps to an HTTP status for a non-streaming call.
 _STATUS_OF_ERROR = {
     "upstream_timeout": 504,
@@ -36,6 +39,9 @@ _STATUS_OF_ERROR = {
     "cancelled": 409,
     "interrupted": 503,
 }
+
+# One encoder for all events: json.dumps with options builds a new one per call.
+_encode_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class OpenAIError(Exception):
@@ -70,6 +76,8 @@ def openai_errors(
             return await handler(request)
         except OpenAIError as exc:
             return exc.response()
+        except InvalidField as exc:  # a value that cannot be stored, with its path
+            return OpenAIError(400, exc.message, param=exc.path).response()
         except ApiError as exc:
             status = 400 if exc.status == 422 else exc.status
             kind = "invalid_request_error" if status < 500 else "api_error"
@@ -150,16 +158,17 @@ def parse_call(body: dict[str, Any], max_prompt_chars: int) -> Call:
             param=unsupported[0],
             code="unsupported_parameter",
         )
-    for name, value in body.items():
-        # PostgreSQL text and jsonb cannot hold NUL; OpenAI has no use for it either.
-        if "\\u0000" in json.dumps(value):
-            raise OpenAIError(400, f"'{name}' must not contain NUL characters.", param=name)
+    # NUL, lone surrogates and non-finite numbers anywhere in the body were refused
+    # when it was read (read_json_object): what is left here can all be stored.
     if body.get("n", 1) != 1:
         raise OpenAIError(400, "Only n=1 is supported.", param="n", code="unsupported_value")
     messages = _messages(body.get("messages"), max_prompt_chars)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise OpenAIError(400, "'model' must be a non-empty string.", param="model")
+    if model is not None and len(model) > MAX_MODEL_CHARS:
+        message = f"'model' must be at most {MAX_MODEL_CHARS} characters."
+        raise OpenAIError(400, message, param="model")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise OpenAIError(400, "'stream' must be true or false.", param="stream")
@@ -186,7 +195,8 @@ def _messages(messages: object, max_chars: int) -> list[dict[str, Any]]:
         raise OpenAIError(400, "'messages' must be a non-empty array.", param="messages")
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise OpenAIError(
                 400, f"{param} needs a role: system, developer, user or assistant.", param=param
             )
@@ -196,9 +206,12 @@ def _messages(messages: object, max_chars: int) -> list[dict[str, Any]]:
             raise OpenAIError(400, f"{param}.name must be a string.", param=param)
         content = message.get("content")
         if isinstance(content, list):
-            for part in content:
+            for number, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise OpenAIError(400, f"{param}: only text content is supported.", param=param)
+                if not isinstance(part.get("text"), str):
+                    part_param = f"{param}.content[{number}].text"
+                    raise OpenAIError(400, f"{part_param} must be a string.", param=part_param)
         elif not isinstance(content, str):
             raise OpenAIError(400, f"{param}.content must be text.", param=param)
         if len(message_text(content)) > max_chars:
@@ -206,11 +219,6 @@ def _messages(messages: object, max_chars: int) -> list[dict[str, Any]]:
             raise OpenAIError(400, message, param=param, code="context_length_exceeded")
     if not any(message["role"] == "user" for message in messages):
         raise OpenAIError(400, "'messages' needs at least one user message.", param="messages")
-    try:
-        json.dumps(messages).encode("utf-8")
-        "".join(message_text(m.get("content")) for m in messages).encode("utf-8")
-    except UnicodeEncodeError:
-        raise OpenAIError(400, "'messages' holds invalid Unicode.", param="messages") from None
     return messages
 
 
@@ -339,8 +347,9 @@ class CompletionStream:
         }
 
     def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        data = json.dumps({**self.head, "choices": choices, **extra}, ensure_ascii=False)
-        return f"data: {data}\n\n".encode()
+        data = _encode_json({**self.head, "choices": choices, **extra})
+        # Raw U+2028 and co. would split the line for line-based clients (see events.py).
+        return f"data: {data if data.isascii() else line_safe(data)}\n\n".encode()
 
     def deltas(self, chunks: list[Chunk]) -> bytes:
         return b"".join(
@@ -370,6 +379,7 @@ class CompletionStream:
                 "param": None,
                 "code": outcome.error_code,
             }
+            # ASCII-escaped, so line-safe as it is.
             return f"data: {json.dumps({'error': error})}\n\n".encode()
         reason = finish_reason(self.call, outcome.chunks)
         data = self.event([{"index": 0, "delta": {}, "finish_reason": reason}])

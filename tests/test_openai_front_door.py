@@ -241,4 +241,6 @@ def test_in_front_of_an_openai_compatible_upstream(
             model="fake-model", messages=[{"role": "user", "content": "fail whole"}]
         )
     assert failed.value.status_code == 502
-    assert "model crashed" in failed.value.message
+    # Fixed text with the upstream's status: its own words stay in the log (SPEC 6).
+    assert "HTTP 500" in failed.value.message
+    assert "model crashed" not in failed.value.message

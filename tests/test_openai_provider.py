@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 
 import httpx
+import pytest
 
 from sse_llm.config import Settings
 from tests.conftest import RunningServer, free_port, start_server
@@ -130,7 +132,7 @@ def test_error_event_in_the_stream(openai_server: RunningServer, upstream: FakeU
     upstream.script(prompt, Script(["Some"], then="error_event", error_message="overloaded"))
     _, events, stored = run(openai_server, prompt)
     assert events[-1].json["error"]["code"] == "upstream_error"
-    assert "overloaded" in events[-1].json["error"]["message"]
+    assert "error" in events[-1].json["error"]["message"]
     assert stored["response"] == "Some"
 
 
@@ -139,9 +141,57 @@ def test_upstream_http_500(openai_server: RunningServer, upstream: FakeUpstream)
     upstream.script(prompt, Script(status=500, error_message="model crashed"))
     _, events, stored = run(openai_server, prompt)
     error = events[-1].json["error"]
-    assert error["code"] == "upstream_error"
-    assert "500" in error["message"] and "model crashed" in error["message"]
+    assert error == {"code": "upstream_error", "message": "The model server answered HTTP 500."}
     assert stored["status"] == "failed"
+
+
+# What a proxy or a model server may put in an error body: internal names, a trace, keys.
+LEAKY_BODY = (
+    "upstream connect error: llm-gpu-07.internal.corp:8443 refused; trace: at "
+    "/srv/gateway/proxy.py line 88; Authorization: Bearer abc.DEF-ghi123; "
+    "Incorrect API key provided: sk-proj-Zx81********************Qm2; url ?api_key=hunter2&x=1 "
+    "\x00 \ud800 " + "padding " * 300
+)
+SECRETS = ("abc.DEF-ghi123", "sk-proj-Zx81", "Qm2", "hunter2")
+
+
+def assert_logged_safely(caplog: pytest.LogCaptureFixture, marker: str) -> None:
+    """One WARNING names what the upstream said, its secrets masked, at most 500 bytes of it."""
+    lines = [r.getMessage() for r in caplog.records if marker in r.getMessage()]
+    assert lines, "the upstream's error was not logged"
+    assert all(r.levelno == logging.WARNING for r in caplog.records if marker in r.getMessage())
+    for line in lines:
+        body = line.split(": ", 1)[1]
+        assert len(body.encode()) <= 500
+        assert not any(secret in line for secret in SECRETS), line
+        assert "Bearer ***" in line and "sk-***" in line and "api_key=***" in line
+
+
+def test_an_upstream_error_body_reaches_only_the_log_masked_and_bounded(
+    openai_server: RunningServer, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = unique("leaky gateway")
+    upstream.script(prompt, Script(status=502, error_message=LEAKY_BODY))
+    with caplog.at_level(logging.WARNING, logger="sse_llm.providers.openai"):
+        _, events, stored = run(openai_server, prompt)
+    fixed = {"code": "upstream_error", "message": "The model server answered HTTP 502."}
+    assert events[-1].json["error"] == fixed
+    assert stored["error"] == fixed
+    assert_logged_safely(caplog, "llm-gpu-07.internal.corp")
+
+
+def test_an_error_event_mid_stream_reaches_only_the_log_masked_and_bounded(
+    openai_server: RunningServer, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = unique("leaky event")
+    upstream.script(prompt, Script(["Some"], then="error_event", error_message=LEAKY_BODY))
+    with caplog.at_level(logging.WARNING, logger="sse_llm.providers.openai"):
+        _, events, stored = run(openai_server, prompt)
+    message = "The model server reported an error in the middle of the answer."
+    assert events[-1].json["error"] == {"code": "upstream_error", "message": message}
+    assert stored["error"] == {"code": "upstream_error", "message": message}
+    assert (stored["status"], stored["response"]) == ("failed", "Some")
+    assert_logged_safely(caplog, "llm-gpu-07.internal.corp")
 
 
 def test_unreachable_upstream(base_settings: Settings) -> None:

@@ -26,6 +26,9 @@ class ProviderError(Exception):
     """The provider failed; `code` is one of the SPEC 2 error codes."""
 
     def __init__(self, code: str, message: str) -> None:
+        # Stored as the conversation's error_message and sent to its clients: it must be
+        # storable whatever text a provider put in it.
+        message = clean_text(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar
 from typing import Any
@@ -12,8 +14,22 @@ from httpx_aiohttp import AiohttpTransport
 
 from sse_llm.providers.base import ModelRequest, UpstreamError, UpstreamUnavailable, clean_text
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "gpt-4o-mini"
-_MAX_ERROR_BODY = 4096
+# An upstream's error body can name internal hosts, carry proxy traces or echo a key:
+# clients and the history get fixed text with the status, the log at most this much
+# of the body, secrets masked (read a little more, so a secret cut at the edge is
+# still recognised and masked).
+_LOGGED_ERROR_BYTES = 500
+_READ_ERROR_BYTES = 4096
+_SECRETS = (
+    (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1***"),
+    (re.compile(r"(?<![A-Za-z0-9])sk-[\w*.-]+"), "sk-***"),
+    (re.compile(r"(?i)(api[_-]?key[\"']?\s*[=:]\s*[\"']?)[^\s\"'&,;}]+"), r"\1***"),
+)
+# Anything that would break the log line (or a terminal showing it).
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 class OpenAIProvider:
@@ -64,13 +80,16 @@ class OpenAIProvider:
             response = await self._client.send(post, stream=True)
             try:
                 if response.status_code != 200:
-                    raise UpstreamError(await _describe_failure(response))
+                    await _log_failure(response)
+                    status = response.status_code
+                    raise UpstreamError(f"The model server answered HTTP {status}.")
                 async for piece in _read_pieces(response):
                     yield piece
             finally:
                 await response.aclose()
                 _unbind(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
+            log.warning("cannot reach the model server: %s", masked(str(exc)))
             raise UpstreamUnavailable(
                 f"Cannot reach the model server: {type(exc).__name__}."
             ) from exc
@@ -141,7 +160,10 @@ _NO_STREAM = httpx.ByteStream(b"")
 def _pieces_of(event: dict[str, Any]) -> tuple[list[str], bool]:
     """An event's non-empty `delta.content`s, and whether it has a `finish_reason`."""
     if "error" in event:
-        raise UpstreamError(f"The model server reported an error: {_error_text(event)}")
+        # Only the log gets what it said (see _LOGGED_ERROR_BYTES).
+        details = json.dumps(event, ensure_ascii=False)[:_READ_ERROR_BYTES]
+        log.warning("the model server reported an error mid-stream: %s", masked(details))
+        raise UpstreamError("The model server reported an error in the middle of the answer.")
     pieces = []
     finished = False
     for choice in event.get("choices") or ():
@@ -163,24 +185,23 @@ def _parse_event(data: bytes) -> dict[str, Any]:
     return event
 
 
-async def _describe_failure(response: httpx.Response) -> str:
+async def _log_failure(response: httpx.Response) -> None:
+    """Log the start of an error answer's body at WARNING, its secrets masked."""
     raw = b""
-    async for part in response.aiter_bytes():
-        raw += part
-        if len(raw) >= _MAX_ERROR_BODY:
-            break
     try:
-        detail = _error_text(json.loads(raw))
-    except ValueError:
-        detail = raw[:200].decode("utf-8", "replace").strip() or response.reason_phrase
-    return f"The model server answered HTTP {response.status_code}: {detail}"
+        async for part in response.aiter_bytes():
+            raw += part
+            if len(raw) >= _READ_ERROR_BYTES:
+                break
+    except (httpx.TransportError, httpx.StreamError):
+        pass  # the status is what matters; the body is only a hint for the operator
+    body = masked(raw[:_READ_ERROR_BYTES].decode("utf-8", "replace"))
+    log.warning("the model server answered HTTP %d: %s", response.status_code, body)
 
 
-def _error_text(body: object) -> str:
-    """OpenAI-style `{"error": {"message": ...}}`, or whatever text there is."""
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:500]
-        return str(error)[:500]
-    return str(body)[:500]
+def masked(text: str) -> str:
+    """`text` fit for the log: secrets masked, one line, at most _LOGGED_ERROR_BYTES."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    text = _CONTROL.sub(" ", clean_text(text)).strip()
+    return text.encode()[:_LOGGED_ERROR_BYTES].decode("utf-8", "ignore")
