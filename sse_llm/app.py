@@ -19,7 +19,7 @@ from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings, parse_rate
-from sse_llm.database import apply_migrations, open_pool
+from sse_llm.database import apply_migrations, open_pool, open_query_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
 from sse_llm.generation import Generations
 from sse_llm.lease import InstanceLease
@@ -85,6 +85,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if app.state.migrate:
         await asyncio.to_thread(apply_migrations, database_url)
     pool = await open_pool(database_url)
+    # The history's lists, searches and counts, apart: they never queue before a resume.
+    query_pool = await open_query_pool(database_url, settings.query_timeout)
     provider = create_provider(settings)
     metrics = app.state.metrics
     writer = Writer(database_url, settings.storage_timeout, metrics)
@@ -98,6 +100,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     broadcast = Broadcast(database_url, on_cancel=generations.cancel)
     broadcast.start()
     app.state.pool = pool
+    app.state.query_pool = query_pool
     app.state.provider = provider
     app.state.generations = generations
     app.state.admission = admission
@@ -125,6 +128,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await lease.release()
         await broadcast.close()
         await provider.aclose()
+        await query_pool.close()
         await pool.close()
 
 

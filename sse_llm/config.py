@@ -45,6 +45,7 @@ class Settings:
     queue_timeout: float = 30.0
     rate_limit: str | None = None  # "60/minute": POST /stream per client
     log_format: str = "text"
+    query_timeout: float = 5.0  # history lists, searches, counts: per statement
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +75,7 @@ class Settings:
             queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 30.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
+            query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
         )
         settings.validate()
         return settings
@@ -103,6 +105,7 @@ class Settings:
             "SSE_LLM_STORAGE_TIMEOUT": self.storage_timeout,
             "SSE_LLM_MAX_STREAMS": self.max_streams,
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
+            "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
