@@ -19,7 +19,6 @@ from uuid import UUID
 
 import jinja2
 import psycopg
-from psycopg.errors import QueryCanceled
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from sse_llm import __version__, store
-from sse_llm.database import QueriesBusy
+from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
 from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
@@ -178,7 +177,7 @@ def html_errors(handler: Handler) -> Handler:
     async def handle(request: Request) -> Response:
         try:
             return await handler(request)
-        except QueryCanceled as exc:  # before OperationalError, its base
+        except QueryTimeout as exc:  # before OperationalError, its base
             log.warning("query cancelled during GET %s: %s", request.url.path, exc)
             return error_page(request, "Search took too long", QUERY_TIMEOUT_MESSAGE)
         except QueriesBusy as exc:  # before PoolTimeout, its base

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
 from psycopg import AsyncConnection
+from psycopg.errors import QueryCanceled
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from yoyo import get_backend, read_migrations
 
@@ -115,10 +118,29 @@ class QueriesBusy(PoolTimeout):
     """Every connection of the query pool stayed busy (or too many requests were waiting)."""
 
 
-class QueryPool(AsyncConnectionPool):
-    """A pool that tells a line of queries (QueriesBusy) from a database that is away."""
+class QueryTimeout(QueryCanceled):
+    """PostgreSQL cancelled a statement of the query pool: it ran past its timeout."""
 
-    # The signature of the method it overrides, `timeout` included.
+
+class QueryPool(AsyncConnectionPool):
+    """A pool whose failures say what happened: a statement that ran too long
+    (QueryTimeout), a line of queries (QueriesBusy), or the database away (as usual)."""
+
+    # Both overrides keep the signatures of the methods they override, `timeout` included.
+    @asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[AsyncConnection]:
+        """A connection for one query's statements, as AsyncConnectionPool.connection."""
+        try:
+            async with super().connection(timeout) as conn:
+                yield conn
+        except QueryCanceled as exc:
+            # Here that is the statement timeout (or an operator who found a statement
+            # too long and cancelled it: the same answer fits).
+            raise QueryTimeout(str(exc)) from exc
+
     async def getconn(self, timeout: float | None = None) -> AsyncConnection:  # noqa: ASYNC109
         """A connection, or QueriesBusy when the queries hold them all for too long."""
         try:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 import psycopg
-from psycopg.errors import QueryCanceled
 from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sse_llm.database import QueriesBusy
+from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.writer import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,8 @@ QUERIES_BUSY_MESSAGE = "The history is busy with other queries. Try again shortl
 
 async def handle_query_timeout(request: Request, exc: Exception) -> Response:
     """A history query ran past SSE_LLM_QUERY_TIMEOUT and PostgreSQL cancelled it: 503."""
-    # QueryCanceled is an OperationalError, but the database is fine: saying it is
-    # unavailable would be a lie, and retrying the same search would only time out again.
+    # An OperationalError, but the database is fine: saying it is unavailable would be
+    # a lie, and retrying the same search would only time out again.
     log.warning("query cancelled during %s %s: %s", request.method, request.url.path, exc)
     return error_response(503, "query_timeout", QUERY_TIMEOUT_MESSAGE)
 
@@ -109,7 +108,7 @@ EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     # Starlette takes the handler of the nearest class in the exception's MRO, so these
     # two win over their bases below.
-    QueryCanceled: handle_query_timeout,
+    QueryTimeout: handle_query_timeout,
     QueriesBusy: handle_queries_busy,
     psycopg.OperationalError: handle_database_error,
     PoolTimeout: handle_database_error,
