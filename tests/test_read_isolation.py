@@ -27,7 +27,7 @@ from tests.processes import ServerProcess, spawn_server
 from tests.sse_client import Event, chunk_text, iter_events
 
 HISTORY_ROWS = 150_000
-STREAM_TOKENS = 100  # 5 s at 20 tokens/s: each stream outlives its resume and cancel
+STREAM_TOKENS = 60  # 2 s at 30 tokens/s: each stream outlives its resume and cancel
 PROMPT_WORD = "lighthouse"
 # Costly for real, and no longer than a search box takes (1,000 characters). Through
 # GET /history, 100 words found nowhere: the newest-first walk tests every row of the
@@ -82,7 +82,7 @@ def server(history_database: str) -> Iterator[ServerProcess]:
     running = spawn_server(
         history_database,
         DEMO_TOKENS=str(STREAM_TOKENS),
-        DEMO_TOKENS_PER_SECOND="20",
+        DEMO_TOKENS_PER_SECOND="30",
         SSE_LLM_SHUTDOWN_GRACE="2",
     )
     yield running
@@ -153,8 +153,8 @@ def read_chunks_until(events: Iterator[Event], count: int) -> list[Event]:
     return seen
 
 
-def resume_mid_stream(client: httpx.Client) -> tuple[str, str, float]:
-    """Start a stream, drop it after 3 chunks, resume it; (id, text seen, resume seconds)."""
+def resume_mid_stream(client: httpx.Client) -> tuple[str, str]:
+    """Start a stream, drop it after 3 chunks, resume it promptly; (id, text assembled)."""
     with client.stream("POST", "/stream", json={"prompt": f"{PROMPT_WORD} resume"}) as response:
         assert response.status_code == 200
         conversation_id = response.headers["x-conversation-id"]
@@ -163,18 +163,19 @@ def resume_mid_stream(client: httpx.Client) -> tuple[str, str, float]:
     with client.stream(
         "GET", f"/conversations/{conversation_id}/stream", headers={"Last-Event-ID": "3"}
     ) as response:
-        assert response.status_code == 200, response.read()
         events = iter_events(response)
-        first = next(events)
+        first = next(events, None)
         seconds = time.monotonic() - began
+        assert seconds < PROMPT_DEADLINE, f"the resume's first event took {seconds:.2f} s"
+        assert response.status_code == 200, response.read()
         after = [first, *events]
     assert after[-1].event == "done"
-    assert int(after[0].id or 0) == 4  # exactly the rest: nothing skipped, nothing repeated
-    return conversation_id, chunk_text(before) + chunk_text(after), seconds
+    assert after[0].id == "4"  # exactly the rest: nothing skipped, nothing repeated
+    return conversation_id, chunk_text(before) + chunk_text(after)
 
 
-def cancel_mid_stream(client: httpx.Client) -> float:
-    """Start a stream, cancel it after 2 chunks; how long the cancel took to answer."""
+def cancel_mid_stream(client: httpx.Client) -> None:
+    """Start a stream, cancel it after 2 chunks: a prompt 202, and the stream ends cancelled."""
     with client.stream("POST", "/stream", json={"prompt": f"{PROMPT_WORD} cancel"}) as response:
         assert response.status_code == 200
         conversation_id = response.headers["x-conversation-id"]
@@ -183,33 +184,36 @@ def cancel_mid_stream(client: httpx.Client) -> float:
         began = time.monotonic()
         reply = client.post(f"/conversations/{conversation_id}/cancel")
         seconds = time.monotonic() - began
+        assert seconds < PROMPT_DEADLINE, f"the cancel took {seconds:.2f} s"
         assert reply.status_code == 202, reply.text
         end = list(events)[-1]
     assert end.event == "error"
     assert end.json["error"]["code"] == "cancelled"
-    return seconds
+
+
+def check_ready_promptly(client: httpx.Client) -> None:
+    """/readyz answers 200 within the deadline."""
+    began = time.monotonic()
+    response = client.get("/readyz")
+    seconds = time.monotonic() - began
+    assert seconds < PROMPT_DEADLINE, f"/readyz took {seconds:.2f} s"
+    assert response.status_code == 200
 
 
 def test_resumes_and_cancels_answer_promptly_under_a_flood_of_costly_searches(
     server: ServerProcess,
 ) -> None:
     resumed: dict[str, str] = {}
-    timings: dict[str, list[float]] = {"resume": [], "cancel": [], "readyz": []}
     with (
         SearchFlood(server.url, SEARCH_CLIENTS) as flood,
         httpx.Client(base_url=server.url, timeout=30) as client,
     ):
         time.sleep(2)  # every search connection busy, and a line waiting for one
         for _ in range(3):
-            conversation_id, text, seconds = resume_mid_stream(client)
+            conversation_id, text = resume_mid_stream(client)
             resumed[conversation_id] = text
-            timings["resume"].append(seconds)
-            timings["cancel"].append(cancel_mid_stream(client))
-            began = time.monotonic()
-            assert client.get("/readyz").status_code == 200
-            timings["readyz"].append(time.monotonic() - began)
-    slowest = {name: max(seconds) for name, seconds in timings.items()}
-    assert all(seconds < PROMPT_DEADLINE for seconds in slowest.values()), slowest
+            cancel_mid_stream(client)
+            check_ready_promptly(client)
 
     # The flood was real: searches had to wait or were turned away.
     assert len(flood.results) >= SEARCH_CLIENTS
