@@ -78,7 +78,7 @@ def create_app_from_environment() -> Starlette:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """Build the pool, provider, writer, generations, lease and broadcast; tear down in reverse."""
+    """Build the pools, provider, writer, generations, lease and broadcast; tear down in reverse."""
     settings: Settings = app.state.settings
     database_url = settings.database_url
     assert database_url is not None
