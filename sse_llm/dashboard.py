@@ -179,7 +179,7 @@ def html_errors(handler: Handler) -> Handler:
             return await handler(request)
         except QueryTimeout as exc:  # before OperationalError, its base
             log.warning("query cancelled during GET %s: %s", request.url.path, exc)
-            return error_page(request, "Search took too long", QUERY_TIMEOUT_MESSAGE)
+            return error_page(request, "Query took too long", QUERY_TIMEOUT_MESSAGE)
         except QueriesBusy as exc:  # before PoolTimeout, its base
             log.warning("queries busy during GET %s: %s", request.url.path, exc)
             heading = "History busy"

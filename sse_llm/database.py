@@ -99,6 +99,7 @@ def _yoyo_url(database_url: str) -> str:
 # broadcast.py: 16 + 4 + 3 = 23, as many as the single pool of 20 cost before. With
 # `--workers N` or N replicas that is 23 x N, so four processes fit in PostgreSQL's
 # default max_connections of 100; beyond, raise it or put a session-mode pooler in front.
+
 # The streaming path's statements take a millisecond or so: 16 serve thousands a second.
 MAIN_POOL_SIZE = 16
 # Every query of the history takes a connection of this pool for its whole run, so at
