@@ -257,8 +257,10 @@ async def history(request: Request) -> Response:
     status = request.query_params.get("status", "").strip() or None
     if status is not None and status not in STATUSES:
         raise ApiError(422, "validation_error", f"status must be one of: {', '.join(STATUSES)}.")
+    # Its cost grows with the history (a search, a deep page): the query pool, under a
+    # statement timeout, so a flood of them queues there and not before a resume.
     page = await store.list_conversations(
-        request.app.state.pool, limit=limit, offset=offset, query=query, status=status
+        request.app.state.query_pool, limit=limit, offset=offset, query=query, status=status
     )
     return JSONResponse(
         {
@@ -273,6 +275,8 @@ async def history(request: Request) -> Response:
 async def history_item(request: Request) -> Response:
     """GET /history/{id}: one conversation; a streaming one shows what is persisted so far."""
     conversation_id = parse_conversation_id(request.path_params["conversation_id"])
+    # One row, read as attach reads it: the main pool. A client checking how its stream
+    # ended must not be turned away because others flood the searches.
     conversation = await store.get_conversation(request.app.state.pool, conversation_id)
     if conversation is None:
         raise ApiError(404, "not_found", "No conversation has this id.")

@@ -19,7 +19,7 @@ from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings, parse_rate
-from sse_llm.database import apply_migrations, open_pool
+from sse_llm.database import apply_migrations, open_pool, open_query_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
 from sse_llm.generation import Generations
 from sse_llm.hosts import HostAllowList, HostPolicy, warn_if_any_host
@@ -80,13 +80,15 @@ def create_app_from_environment() -> Starlette:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """Build the pool, provider, writer, generations, lease and broadcast; tear down in reverse."""
+    """Build the pools, provider, writer, generations, lease and broadcast; tear down in reverse."""
     settings: Settings = app.state.settings
     database_url = settings.database_url
     assert database_url is not None
     if app.state.migrate:
         await asyncio.to_thread(apply_migrations, database_url)
     pool = await open_pool(database_url)
+    # The history's lists, searches and counts, apart: they never queue before a resume.
+    query_pool = await open_query_pool(database_url, settings.query_timeout)
     provider = create_provider(settings)
     metrics = app.state.metrics
     writer = Writer(database_url, settings.storage_timeout, metrics)
@@ -100,6 +102,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     broadcast = Broadcast(database_url, on_cancel=generations.cancel)
     broadcast.start()
     app.state.pool = pool
+    app.state.query_pool = query_pool
     app.state.provider = provider
     app.state.generations = generations
     app.state.admission = admission
@@ -128,6 +131,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await lease.release()
         await broadcast.close()
         await provider.aclose()
+        await query_pool.close()
         await pool.close()
 
 

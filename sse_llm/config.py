@@ -49,6 +49,7 @@ class Settings:
     # Host names accepted besides the loopback ones; ("*",) for any; None: by the bind.
     allowed_hosts: tuple[str, ...] | None = None
     log_format: str = "text"
+    query_timeout: float = 5.0  # history lists, searches, counts: per statement
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -79,6 +80,7 @@ class Settings:
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             allowed_hosts=parse_allowed_hosts(env.get("SSE_LLM_ALLOWED_HOSTS")),
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
+            query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
         )
         settings.validate()
         return settings
@@ -108,6 +110,7 @@ class Settings:
             "SSE_LLM_STORAGE_TIMEOUT": self.storage_timeout,
             "SSE_LLM_MAX_STREAMS": self.max_streams,
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
+            "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
         }
         for name, value in positive.items():
             if value <= 0:

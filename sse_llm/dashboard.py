@@ -26,6 +26,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from sse_llm import __version__, store
+from sse_llm.database import QueriesBusy, QueryTimeout
+from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
 from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
 from sse_llm.store import HIT_START, HIT_STOP, STATUSES
@@ -103,7 +105,8 @@ def _clamped_int(raw: str | None, default: int, low: int, high: int) -> int:
 async def history_page(request: Request) -> Response:
     """GET /: the history, newest first, with search, status filter, counts and paging."""
     search = HistorySearch.from_request(request)
-    pool = request.app.state.pool
+    # Both reads grow with the history: the query pool, under its statement timeout.
+    pool = request.app.state.query_pool
     page = await store.list_history_rows(
         pool,
         limit=search.limit,
@@ -133,6 +136,8 @@ async def conversation_page(request: Request) -> Response:
         conversation_id = UUID(request.path_params["conversation_id"])
     except ValueError:
         return not_found(request)
+    # One row, as bounded as attach's read of it: the main pool, never queued behind
+    # searches (a flood of them must not hide how a conversation ended).
     conversation = await store.get_conversation_detail(request.app.state.pool, conversation_id)
     if conversation is None:
         return not_found(request)
@@ -165,21 +170,34 @@ def not_found(request: Request) -> Response:
 
 
 def html_errors(handler: Handler) -> Handler:
-    """Answer a database outage with an HTML page, not the API's JSON (the page is for people)."""
+    """Answer a database outage or a refused query with an HTML page, not the API's JSON
+    (the page is for people)."""
 
     @functools.wraps(handler)
     async def handle(request: Request) -> Response:
         try:
             return await handler(request)
+        except QueryTimeout as exc:  # before OperationalError, its base
+            log.warning("query cancelled during GET %s: %s", request.url.path, exc)
+            return error_page(request, "Query took too long", QUERY_TIMEOUT_MESSAGE)
+        except QueriesBusy as exc:  # before PoolTimeout, its base
+            log.warning("queries busy during GET %s: %s", request.url.path, exc)
+            heading = "History busy"
+            return error_page(request, heading, QUERIES_BUSY_MESSAGE, {"Retry-After": "1"})
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.warning("database unavailable during GET %s: %s", request.url.path, exc)
-            context = {
-                "heading": "Database unavailable",
-                "message": "The history cannot be read right now. Try again in a few seconds.",
-            }
-            return render(request, "error.html", context, 503, {"Retry-After": "5"})
+            message = "The history cannot be read right now. Try again in a few seconds."
+            return error_page(request, "Database unavailable", message, {"Retry-After": "5"})
 
     return handle
+
+
+def error_page(
+    request: Request, heading: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """The HTML 503 page: what went wrong and what to do, never its technical details."""
+    context = {"heading": heading, "message": message}
+    return render(request, "error.html", context, 503, headers)
 
 
 def render(

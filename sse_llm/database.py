@@ -1,15 +1,20 @@
-"""The database: the embedded PostgreSQL, migrations, and the connection pool."""
+"""The database: the embedded PostgreSQL, migrations, and the connection pools."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection
+from psycopg.errors import QueryCanceled
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from yoyo import get_backend, read_migrations
 
+from sse_llm import store
 from sse_llm.resources import resource_dir
 
 log = logging.getLogger(__name__)
@@ -89,8 +94,78 @@ def _yoyo_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}"
 
 
-async def open_pool(database_url: str, max_size: int = 20) -> AsyncConnectionPool:
-    """Open the pool every query of this process goes through."""
+# The connection budget of one process: the main pool (MAIN_POOL_SIZE), the query pool
+# (QUERY_POOL_SIZE), and one connection each for the writer, the lease and the LISTEN of
+# broadcast.py: 16 + 4 + 3 = 23, as many as the single pool of 20 cost before. With
+# `--workers N` or N replicas that is 23 x N, so four processes fit in PostgreSQL's
+# default max_connections of 100; beyond, raise it or put a session-mode pooler in front.
+
+# The streaming path's statements take a millisecond or so: 16 serve thousands a second.
+MAIN_POOL_SIZE = 16
+# Every query of the history takes a connection of this pool for its whole run, so at
+# most this many run at once per process: on a small database server a few such scans
+# already use every core, and more would only make each one slower.
+QUERY_POOL_SIZE = 4
+# A history request waits at most this long for a query connection, then hears that the
+# service is busy: queries of the usual 10-50 ms clear a full line well within it, so
+# only queries that are slow already make it run out.
+QUERY_POOL_WAIT = 2.0
+# With this many waiting, the next request is turned away at once instead of waiting out
+# QUERY_POOL_WAIT behind them (16 clear in 0.2 s at 50 ms a query).
+QUERY_POOL_MAX_WAITING = 4 * QUERY_POOL_SIZE
+
+
+class QueriesBusy(PoolTimeout):
+    """Every connection of the query pool stayed busy (or too many requests were waiting)."""
+
+
+class QueryTimeout(QueryCanceled):
+    """PostgreSQL cancelled a statement of the query pool: it ran past its timeout."""
+
+
+class QueryPool(AsyncConnectionPool):
+    """A pool whose failures say what happened: a statement that ran too long
+    (QueryTimeout), a line of queries (QueriesBusy), or the database away (as usual)."""
+
+    # Both overrides keep the signatures of the methods they override, `timeout` included.
+    @asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[AsyncConnection]:
+        """A connection for one query's statements, as AsyncConnectionPool.connection."""
+        try:
+            async with super().connection(timeout) as conn:
+                yield conn
+        except QueryCanceled as exc:
+            # Here that is the statement timeout (or an operator who found a statement
+            # too long and cancelled it: the same answer fits).
+            raise QueryTimeout(str(exc)) from exc
+
+    async def getconn(self, timeout: float | None = None) -> AsyncConnection:  # noqa: ASYNC109
+        """A connection, or QueriesBusy when the queries hold them all for too long."""
+        try:
+            return await super().getconn(timeout)
+        except TooManyRequests as exc:
+            raise QueriesBusy("too many requests are waiting for a query connection") from exc
+        except PoolTimeout as exc:
+            # When the database is away, connections are dropped and not replaced, so
+            # the pool is short of them; when every one is handed out, queries hold them.
+            stats = self.get_stats()
+            in_use = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+            if in_use >= self.max_size:
+                raise QueriesBusy(str(exc)) from exc
+            raise
+
+
+async def open_pool(database_url: str, max_size: int = MAIN_POOL_SIZE) -> AsyncConnectionPool:
+    """Open the main pool: the streaming path's reads and writes, and single-row reads.
+
+    Its statements are bounded by one conversation (a row, its chunks) or by the streams
+    in flight (the lease's sweeps), so they run without a statement timeout: a timeout
+    would turn a slow recovery into a failed one. What grows with the whole history runs
+    on the query pool instead, so no search is ever queued in front of a resume.
+    """
     pool = AsyncConnectionPool(
         database_url,
         min_size=2,
@@ -101,6 +176,31 @@ async def open_pool(database_url: str, max_size: int = 20) -> AsyncConnectionPoo
         timeout=5.0,
         open=False,
         name="sse-llm",
+    )
+    await pool.open(wait=False)
+    return pool
+
+
+async def open_query_pool(database_url: str, statement_timeout: float) -> QueryPool:
+    """Open the query pool: the history's lists, searches and counts, each statement
+    cancelled by PostgreSQL after `statement_timeout` seconds (SSE_LLM_QUERY_TIMEOUT)."""
+
+    async def configure(conn: AsyncConnection) -> None:
+        # A session setting rather than the `options` connection parameter: that would
+        # replace any `options` the DATABASE_URL carries, and some poolers refuse it.
+        await store.set_statement_timeout(conn, statement_timeout)
+
+    pool = QueryPool(
+        database_url,
+        min_size=1,
+        max_size=QUERY_POOL_SIZE,
+        kwargs={"autocommit": True},
+        configure=configure,
+        check=AsyncConnectionPool.check_connection,
+        timeout=QUERY_POOL_WAIT,
+        max_waiting=QUERY_POOL_MAX_WAITING,
+        open=False,
+        name="sse-llm-queries",
     )
     await pool.open(wait=False)
     return pool

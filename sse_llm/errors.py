@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.writer import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,25 @@ async def handle_database_error(request: Request, exc: Exception) -> Response:
     return error_response(503, "database_unavailable", message, {"Retry-After": "5"})
 
 
+# The texts of the two ways a history query is refused, shared with the dashboard's pages.
+QUERY_TIMEOUT_MESSAGE = "The query took too long; narrow the search."
+QUERIES_BUSY_MESSAGE = "The history is busy with other queries. Try again shortly."
+
+
+async def handle_query_timeout(request: Request, exc: Exception) -> Response:
+    """A history query ran past SSE_LLM_QUERY_TIMEOUT and PostgreSQL cancelled it: 503."""
+    # An OperationalError, but the database is fine: saying it is unavailable would be
+    # a lie, and retrying the same search would only time out again.
+    log.warning("query cancelled during %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "query_timeout", QUERY_TIMEOUT_MESSAGE)
+
+
+async def handle_queries_busy(request: Request, exc: Exception) -> Response:
+    """Every query connection stayed busy: 503, and try again in a moment."""
+    log.warning("queries busy during %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "too_many_queries", QUERIES_BUSY_MESSAGE, {"Retry-After": "1"})
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """Anything else: a generic 500; the traceback goes to the log, never to the client."""
     log.error("unhandled error during %s %s", request.method, request.url.path, exc_info=exc)
@@ -86,6 +106,10 @@ EXCEPTION_HANDLERS = {
     ApiError: handle_api_error,
     StorageUnavailable: handle_database_error,
     HTTPException: handle_http_exception,
+    # Starlette takes the handler of the nearest class in the exception's MRO, so these
+    # two win over their bases below.
+    QueryTimeout: handle_query_timeout,
+    QueriesBusy: handle_queries_busy,
     psycopg.OperationalError: handle_database_error,
     PoolTimeout: handle_database_error,
     Exception: handle_unexpected,

@@ -206,7 +206,10 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     "200": _json("HistoryPage", "A page of conversations."),
                     "401": _error("The API key is missing or wrong."),
                     "422": _error("A parameter is out of range."),
-                    "503": _UNAVAILABLE,
+                    "503": _error(
+                        "The database is unavailable, the search ran past SSE_LLM_QUERY_TIMEOUT "
+                        "(`query_timeout`), or too many are running (`too_many_queries`)."
+                    ),
                 },
             }
         },

@@ -436,6 +436,13 @@ class ConversationDetail(Conversation):
     first_chunk_seconds: float | None
 
 
+async def set_statement_timeout(conn: AsyncConnection, seconds: float) -> None:
+    """Have PostgreSQL cancel any statement of this session that runs over `seconds`."""
+    # At least 1 ms: 0 would mean no timeout at all.
+    milliseconds = max(1, round(seconds * 1000))
+    await conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{milliseconds}ms",))
+
+
 async def count_by_status(pool: AsyncConnectionPool) -> list[StatusCount]:
     """How many conversations there are of each status present."""
     query = "SELECT c.status, count(*)::int AS count FROM conversations c GROUP BY c.status"
