@@ -98,8 +98,9 @@ class Metrics:
         )
         self.pool_connections = Gauge(
             "sse_llm_db_pool_connections",
-            "Database pool connections of the answering process.",
-            ["state"],
+            "Database pool connections of the answering process: `streaming` serves the "
+            "streaming path's reads, `queries` searches and the dashboard.",
+            ["pool", "state"],
             registry=registry,
             multiprocess_mode="liveall",
         )
@@ -113,15 +114,17 @@ class Metrics:
         for chunk in chunks:
             self.chunk_delivery.observe(now - chunk.received)
 
-    def render(self, pool: AsyncConnectionPool | None) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        if pool is not None:
+    def render(self, pools: dict[str, AsyncConnectionPool | None]) -> bytes:
+        """The Prometheus text exposition of every metric; `pools` by their label."""
+        for name, pool in pools.items():
+            if pool is None:
+                continue
             stats = pool.get_stats()
             size = stats.get("pool_size", 0)
             available = stats.get("pool_available", 0)
-            self.pool_connections.labels("in_use").set(size - available)
-            self.pool_connections.labels("idle").set(available)
-            self.pool_connections.labels("waiting").set(stats.get("requests_waiting", 0))
+            self.pool_connections.labels(name, "in_use").set(size - available)
+            self.pool_connections.labels(name, "idle").set(available)
+            self.pool_connections.labels(name, "waiting").set(stats.get("requests_waiting", 0))
         if multiprocess():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
@@ -132,5 +135,9 @@ class Metrics:
 async def metrics_endpoint(request: Request) -> Response:
     """GET /metrics."""
     state = request.app.state
-    body = state.metrics.render(getattr(state, "pool", None))
+    pools = {
+        "streaming": getattr(state, "pool", None),
+        "queries": getattr(state, "query_pool", None),
+    }
+    body = state.metrics.render(pools)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

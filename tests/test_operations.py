@@ -56,7 +56,8 @@ def test_metrics_count_requests_streams_chunks_and_latencies(demo_server: Runnin
     assert metric(text, "sse_llm_persist_batch_size_sum") >= 12
     assert 'sse_llm_requests_total{method="POST",route="stream",status="200"}' in text
     assert 'sse_llm_requests_total{method="GET",route="history_item",status="404"}' in text
-    assert 'sse_llm_db_pool_connections{state="idle"}' in text
+    assert 'sse_llm_db_pool_connections{pool="streaming",state="idle"}' in text
+    assert 'sse_llm_db_pool_connections{pool="queries",state="idle"}' in text
 
 
 def test_stream_errors_are_counted_by_code(demo_server: RunningServer) -> None:
