@@ -57,10 +57,15 @@ def backend_cpu(pid: int) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
-async def measure(url: str, insert, batch: int, chunks_total: int) -> tuple[float, float]:
-    """(wall µs, backend CPU µs) per chunk for `chunks_total` chunks in batches of `batch`."""
+async def measure(
+    url: str, insert, batch: int, chunks_total: int, fsync: bool
+) -> tuple[float, float, float]:
+    """(wall, client CPU, backend CPU) µs per chunk for `chunks_total` chunks in batches
+    of `batch`."""
     owner = uuid.uuid4()
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        if not fsync:  # the statement's own cost, without waiting for the disk
+            await conn.execute("SET synchronous_commit = off")
         ids = [uuid.uuid4() for _ in range(batch)]
         await conn.execute(
             "INSERT INTO conversations (id, prompt, model, provider, owner_id)"
@@ -72,13 +77,14 @@ async def measure(url: str, insert, batch: int, chunks_total: int) -> tuple[floa
         for _ in range(5):  # warm the plan and caches
             seq += 1
             await insert(conn, [Chunk(i, seq, TEXT) for i in ids], owner)
-        cpu, wall = backend_cpu(pid), time.perf_counter()
+        cpu, wall, client = backend_cpu(pid), time.perf_counter(), time.process_time()
         for _ in range(chunks_total // batch):
             seq += 1
             await insert(conn, [Chunk(i, seq, TEXT) for i in ids], owner)
         wall, cpu = time.perf_counter() - wall, backend_cpu(pid) - cpu
+        client = time.process_time() - client
     n = (chunks_total // batch) * batch
-    return wall / n * 1e6, cpu / n * 1e6
+    return wall / n * 1e6, client / n * 1e6, cpu / n * 1e6
 
 
 def databases(server_url: str) -> dict[str, str]:
@@ -102,7 +108,7 @@ def databases(server_url: str) -> dict[str, str]:
     return urls
 
 
-async def run(server_url: str, rounds: int, chunks_total: int) -> None:
+async def run(server_url: str, rounds: int, chunks_total: int, fsync: bool) -> None:
     urls = databases(server_url)
     variants = {
         "unfenced, FK": (urls["fk"], unfenced),
@@ -111,15 +117,16 @@ async def run(server_url: str, rounds: int, chunks_total: int) -> None:
         "fenced, no FK": (urls["no_fk"], fenced),
     }
     for batch in (1, 10, 100):
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
         for _ in range(rounds):
             for name, (url, insert) in variants.items():
-                results[name].append(await measure(url, insert, batch, chunks_total))
+                results[name].append(await measure(url, insert, batch, chunks_total, fsync))
         for name, samples in results.items():
-            wall = statistics.median(s[0] for s in samples)
-            cpu = statistics.median(s[1] for s in samples)
-            print(f"batch {batch:3d}  {name:16s}  wall {wall:7.1f} µs/chunk  "
-                  f"PostgreSQL CPU {cpu:6.1f} µs/chunk")
+            wall, client, cpu = (statistics.median(s[i] for s in samples) for i in range(3))
+            print(
+                f"batch {batch:3d}  {name:16s}  µs per chunk: wall {wall:7.1f}  "
+                f"client CPU {client:6.1f}  PostgreSQL CPU {cpu:6.1f}"
+            )
 
 
 def main() -> None:
@@ -127,12 +134,16 @@ def main() -> None:
     parser.add_argument("--database-url", help="a server URL (default: an embedded one)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=3000, help="chunks per measurement")
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="synchronous_commit = off: no wait for the disk"
+    )
     args = parser.parse_args()
+    fsync = not args.no_fsync
     if args.database_url:
-        asyncio.run(run(args.database_url, args.rounds, args.chunks))
+        asyncio.run(run(args.database_url, args.rounds, args.chunks, fsync))
         return
     with tempfile.TemporaryDirectory() as folder, EmbeddedPostgres(Path(folder)) as postgres:
-        asyncio.run(run(postgres.url, args.rounds, args.chunks))
+        asyncio.run(run(postgres.url, args.rounds, args.chunks, fsync))
 
 
 if __name__ == "__main__":

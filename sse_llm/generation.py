@@ -211,14 +211,14 @@ class Generation:
         if self._fenced:
             return await self._recorded_outcome()
         if self.storage_failed:  # the writer records this end itself, when it can
-            return self._persisted(
+            return self._with_persisted_count(
                 self._stopped_outcome(self._storage_code or "storage_unavailable")
             )
         ending = Ending(self.id, produced.status, produced.error_code, produced.error_message)
         recorded = await self._writer.finish(ending)
         if recorded is None:  # another process settled the conversation first
             return await self._recorded_outcome()
-        return self._persisted(
+        return self._with_persisted_count(
             Outcome(recorded.status, 0, recorded.error_code, recorded.error_message)
         )
 
@@ -232,10 +232,12 @@ class Generation:
         if recorded is None or recorded.status == "streaming":
             # Only a process that takes this one for dead settles its conversations, and
             # it marks them interrupted.
-            return self._persisted(self._stopped_outcome("interrupted"))
-        return recorded
+            recorded = self._stopped_outcome("interrupted")
+        # Its clients got the chunks persisted and published; a settler assembled the
+        # same ones (the fence refused any later), so the counts agree.
+        return self._with_persisted_count(recorded)
 
-    def _persisted(self, outcome: Outcome) -> Outcome:
+    def _with_persisted_count(self, outcome: Outcome) -> Outcome:
         """`outcome` with the number of chunks persisted and published."""
         return Outcome(outcome.status, self.persisted, outcome.error_code, outcome.error_message)
 

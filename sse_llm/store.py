@@ -181,8 +181,9 @@ async def insert_chunks(
     # The rows travel as one JSON text: encoding it is one C call, where psycopg dumps
     # arrays element by element in Python (a batch of 30 cost 290 µs of CPU, now 150).
     rows = _json_rows.encode([(c.conversation_id.hex, c.seq, c.text) for c in chunks])
-    # One lock per conversation and batch, not one per chunk (a foreign key took a
-    # FOR KEY SHARE per inserted row); in id order, so two lockers never deadlock.
+    # One lock per conversation and batch; it also proves the row exists, so chunks need
+    # no foreign key (which locked the row once per chunk: migration 0005). Rows are
+    # locked in id order: a settler that locks in that order too cannot deadlock with it.
     # The notification lists each conversation once; a payload holds under 8000 bytes,
     # so about 200 ids each. A SELECT in WITH runs only if used: hence the UNION.
     cursor = await conn.execute(

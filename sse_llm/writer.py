@@ -279,6 +279,8 @@ class Writer:
         # An owner whose earlier batch failed must not get later chunks stored: that
         # would leave a gap in its sequence.
         batch.chunks = [(c, owner) for c, owner in batch.chunks if not owner.storage_failed]
+        # A create whose request went away while it waited is not written at all.
+        batch.creates = [(c, future) for c, future in batch.creates if not future.done()]
         started = time.monotonic()
         try:
             stored = await self._persist(batch)
@@ -298,12 +300,13 @@ class Writer:
     def _settle(self, batch: _Batch, stored: _Stored, seconds: float) -> None:
         """Tell everyone waiting on the committed batch what became of their items."""
         for conversation, future in batch.creates:
-            if future.done():
-                continue
             if conversation.id in stored.rejected_creates:
-                future.set_exception(StorageRejected())
-            else:
+                if not future.done():
+                    future.set_exception(StorageRejected())
+            elif not future.done():
                 future.set_result(stored.rows[conversation.id])
+            else:  # its request went away meanwhile: nobody will ever know this id
+                self._unconfirmed.add(conversation.id)
         if stored.refused or stored.rejected_from:
             published = self._settle_chunks(batch.chunks, stored)
         else:  # the usual case: no test per chunk
@@ -311,8 +314,9 @@ class Writer:
                 owner.publish(chunk)
             published = [chunk for chunk, _ in batch.chunks]
         for ending, end_future in batch.ends:
-            end_future.set_result(stored.ends.get(ending.conversation_id))
-        if batch.chunks_done is not None:
+            if not end_future.done():
+                end_future.set_result(stored.ends.get(ending.conversation_id))
+        if batch.chunks_done is not None and not batch.chunks_done.done():
             batch.chunks_done.set_result(True)
         if published:
             self._metrics.observe_batch(published, seconds)
@@ -418,7 +422,7 @@ class Writer:
             return stored
         async with connection.transaction():
             if unconfirmed:
-                await store.delete_unconfirmed_conversations(connection, unconfirmed)
+                await self._delete(connection, unconfirmed, isolate)
             if batch.creates:
                 await self._insert_conversations(connection, batch.creates, stored, isolate)
             if batch.chunks:
@@ -428,6 +432,17 @@ class Writer:
             self._committing = True
         self._committing = False
         return stored
+
+    async def _delete(
+        self, connection: psycopg.AsyncConnection, ids: list[UUID], isolate: bool
+    ) -> None:
+        async def delete(part: list[UUID]) -> None:
+            await store.delete_unconfirmed_conversations(connection, part)
+
+        def give_up(conversation_id: UUID) -> None:
+            log.error("could not delete unconfirmed conversation %s", conversation_id)
+
+        await self._isolating(connection, ids, delete, give_up, isolate)
 
     async def _insert_conversations(
         self,
