@@ -373,11 +373,15 @@ class Writer:
             kept = list(self._kept.values())
             unconfirmed = list(self._unconfirmed)
             try:
-                stored = await self._transaction(batch, kept, unconfirmed, isolate)
+                # A database that stops answering (a half-open socket) must not hold every
+                # stream of the process for ever: an attempt gets what is left of the
+                # timeout (psycopg then tries to cancel for up to 10 s before it closes).
+                async with asyncio.timeout(max(deadline - loop.time(), RETRY_FIRST_SECONDS)):
+                    stored = await self._transaction(batch, kept, unconfirmed, isolate)
             except Exception as exc:
-                if not is_outage(exc, self._connection):
+                if not (isinstance(exc, TimeoutError) or is_outage(exc, self._connection)):
                     if isolate:  # outside every savepoint: nothing left to isolate
-                        log.exception("could not store a batch")
+                        log.error("could not store a batch (%s)", type(exc).__name__)
                         raise StorageUnavailable(str(exc)) from exc
                     # No text of the error: it may quote a prompt.
                     log.warning("the database refused part of a batch (%s)", type(exc).__name__)
@@ -386,7 +390,7 @@ class Writer:
                 await self._disconnect()
                 self._fail_creates(batch, exc)
                 if not (batch.chunks or batch.ends) or loop.time() + delay > deadline:
-                    log.error("giving up on a batch: %s", exc)
+                    log.error("giving up on a batch: %s", str(exc) or type(exc).__name__)
                     raise StorageUnavailable(str(exc)) from exc
                 log.warning(
                     "database unavailable, retrying a batch of %d chunks", len(batch.chunks)

@@ -3,9 +3,9 @@
 The embedded PostgreSQL listens on a Unix socket only; the proxy listens on a free
 TCP port of 127.0.0.1 and forwards each connection to that socket, byte for byte, in
 threads of its own (so it serves clients of any event loop). It records what clients
-send (to count statements), and can be armed to forward the next `COMMIT` and then
-drop that connection before the server's reply reaches the client: the commit happens,
-and the client cannot know.
+send (to count statements), can be armed to forward the next `COMMIT` and then drop
+that connection before the server's reply reaches the client (the commit happens, and
+the client cannot know), and can fall silent like a dead network.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sent = bytearray()
         self._drop_after_commit = False
+        self._silent = False
         self.dropped = threading.Event()  # set once a COMMIT's reply was dropped
         self._sockets: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
@@ -81,6 +82,11 @@ class TcpProxy:
         with self._lock:
             self._drop_after_commit = True
 
+    def fall_silent(self) -> None:
+        """From now on forward nothing, either way, and close nothing: a dead network."""
+        with self._lock:
+            self._silent = True
+
     def _accept(self) -> None:
         while True:
             try:
@@ -104,6 +110,8 @@ class TcpProxy:
     def _upstream(self, client: socket.socket, server: socket.socket, cut: threading.Event) -> None:
         while data := _receive(client):
             with self._lock:
+                if self._silent:
+                    continue
                 self._sent += data
                 if self._drop_after_commit and b"COMMIT" in data:
                     self._drop_after_commit = False
@@ -118,6 +126,8 @@ class TcpProxy:
         self, server: socket.socket, client: socket.socket, cut: threading.Event
     ) -> None:
         while data := _receive(server):
+            if self._silent:
+                continue
             if cut.is_set():
                 _close(client)
                 _close(server)

@@ -243,3 +243,30 @@ def test_a_create_whose_commit_reply_was_lost_leaves_no_row(
     assert isinstance(error, StorageUnavailable)  # the API answers 503
     count = db.execute("SELECT count(*) FROM conversations WHERE id = %s", (conversation_id,))
     assert count.fetchone() == (0,)
+
+
+def test_a_database_that_stops_answering_fails_the_batch_within_the_storage_timeout(
+    database_url: str,
+) -> None:
+    # A half-open socket: no error ever comes. The writer, which every stream of the
+    # process waits on, gives up within the storage timeout instead of hanging for ever.
+    async def scenario(proxy: TcpProxy) -> tuple[bool, float, bool]:
+        writer = Writer(proxy.url, storage_timeout=1, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
+        row = await writer.create(NewConversation(uuid4(), "p", "demo", "demo", owner_id))
+        proxy.fall_silent()
+        owner = Owner()
+        started = time.monotonic()
+        stored = await writer.write(Chunk(row.id, 1, "into the void"), owner)
+        took = time.monotonic() - started
+        async with asyncio.timeout(15):
+            await writer.close()
+        return stored, took, owner.storage_failed
+
+    with TcpProxy(database_url) as proxy:
+        stored, took, failed = run(scenario(proxy))
+    assert not stored and failed
+    # The storage timeout, then psycopg tries to cancel the query (5 s) and waits for it
+    # to end (5 s) before it closes the connection: bounded, where it used to hang.
+    assert took < 20
