@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeGuard, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -141,6 +141,11 @@ def is_outage(exc: BaseException, connection: psycopg.AsyncConnection | None) ->
     return isinstance(exc, psycopg.OperationalError) and (
         connection is None or connection.broken or connection.closed
     )
+
+
+def _is_conflict(exc: BaseException) -> TypeGuard[psycopg.Error]:
+    """A transaction rollback (SQLSTATE class 40): a deadlock or serialization failure."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
 
 
 class Writer:
@@ -379,6 +384,11 @@ class Writer:
                 async with asyncio.timeout(max(deadline - loop.time(), RETRY_FIRST_SECONDS)):
                     stored = await self._transaction(batch, kept, unconfirmed, isolate)
             except Exception as exc:
+                if _is_conflict(exc) and loop.time() < deadline:
+                    # A deadlock (with a settler locking rows in another order, say) rolled
+                    # the transaction back, and nothing else: try again at once.
+                    log.warning("a batch met a conflict, retrying it: %s", exc.sqlstate)
+                    continue
                 if not (isinstance(exc, TimeoutError) or is_outage(exc, self._connection)):
                     if isolate:  # outside every savepoint: nothing left to isolate
                         log.error("could not store a batch (%s)", type(exc).__name__)

@@ -73,8 +73,8 @@ async def settle_as_another_process(database_url: str, conversation_id: UUID) ->
         await settle_locked(conn, conversation_id)
 
 
-async def settle_locked(conn: psycopg.AsyncConnection, conversation_id: UUID) -> None:
-    """The second statement of a settle, once the row is locked; commits."""
+async def settle_locked(conn: psycopg.AsyncConnection, *ids: UUID) -> None:
+    """The second statement of a settle, once the rows are locked; commits."""
     await conn.execute(
         """
         UPDATE conversations c
@@ -84,9 +84,9 @@ async def settle_locked(conn: psycopg.AsyncConnection, conversation_id: UUID) ->
                                  WHERE k.conversation_id = c.id), ''),
             chunk_count = (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id),
             owner_id = NULL
-        WHERE c.id = %s AND c.status = 'streaming'
+        WHERE c.id = ANY(%s) AND c.status = 'streaming'
         """,
-        (conversation_id,),
+        (list(ids),),
     )
     await conn.commit()
 
@@ -378,3 +378,40 @@ def test_a_write_after_close_fails_at_once(database_url: str) -> None:
     refused, written, owner = run(scenario())
     assert refused is not None and not written
     assert owner.failed_with == "storage_unavailable"
+
+
+def test_a_deadlock_with_a_settler_is_retried_and_fails_nothing(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    # The writer locks rows in id order; a settler that does not can deadlock with it.
+    # PostgreSQL then rolls the writer's transaction back: a conflict, not an outage, so
+    # the batch is tried again at once and the new conversation in it is not failed.
+    async def scenario() -> tuple[list[Conversation], list[Owner], Conversation]:
+        writer = Writer(database_url, storage_timeout=10, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
+        try:
+            rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
+            rows.sort(key=lambda row: row.id)
+            owners = [Owner(), Owner()]
+            for row, owner in zip(rows, owners, strict=True):
+                done = writer.write(Chunk(row.id, 1, "one "), owner)
+            await done
+            async with await psycopg.AsyncConnection.connect(database_url) as settler:
+                lock = "SELECT id FROM conversations WHERE id = %s FOR UPDATE"
+                await settler.execute(lock, (rows[1].id,))  # the second in the writer's order
+                created = writer.create(new_conversation(owner_id))
+                for row, owner in zip(rows, owners, strict=True):
+                    done = writer.write(Chunk(row.id, 2, "two"), owner)
+                await asyncio.sleep(0.3)  # the writer holds the first row, waits for the second
+                await settler.execute(lock, (rows[0].id,))  # a deadlock: the writer loses it
+                await settle_locked(settler, rows[0].id, rows[1].id)
+            await done
+            return rows, owners, await created
+        finally:
+            await writer.close()
+
+    rows, owners, created = run(scenario())
+    assert created.status == "streaming"
+    assert all(owner.fenced and len(owner.published) == 1 for owner in owners)
+    assert stored_chunks(db, [row.id for row in rows]) == {row.id: [(1, "one ")] for row in rows}
