@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -18,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 
+from sse_llm.config import Settings
 from sse_llm.errors import StorageRejected
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
@@ -316,7 +317,7 @@ def test_a_chunk_waiting_on_a_settlers_lock_is_refused_once_it_settles(
 
 
 @pytest.fixture
-def slow_server(base_settings: Any) -> Any:
+def slow_server(base_settings: Settings) -> Iterator[RunningServer]:
     running = start_server(base_settings.with_changes(demo_tokens=60, demo_tokens_per_second=20))
     yield running
     running.stop()
