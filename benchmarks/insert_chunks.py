@@ -3,7 +3,9 @@
 Runs `store.insert_chunks` (fenced: a FOR SHARE lock per conversation and batch) and the
 unfenced statement it replaced, each with and without the foreign key chunks ->
 conversations, on batches of 1, 10 and 100 chunks of as many streaming conversations
-(the writer's batches under load hold one chunk of each of many streams). Prints the
+(the writer's batches under load hold one chunk of each of many streams), among
+`--streams` conversations streaming for the same process (the fence must look the
+batch's rows up by key, not scan every live stream's). Prints the
 wall time and the PostgreSQL backend's CPU time per chunk, the median of `--rounds`
 interleaved rounds (so a neighbour's burst hits every variant alike).
 
@@ -58,7 +60,7 @@ def backend_cpu(pid: int) -> float:
 
 
 async def measure(
-    url: str, insert, batch: int, chunks_total: int, fsync: bool
+    url: str, insert, batch: int, chunks_total: int, fsync: bool, streams: int
 ) -> tuple[float, float, float]:
     """(wall, client CPU, backend CPU) µs per chunk for `chunks_total` chunks in batches
     of `batch`."""
@@ -66,11 +68,12 @@ async def measure(
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         if not fsync:  # the statement's own cost, without waiting for the disk
             await conn.execute("SET synchronous_commit = off")
-        ids = [uuid.uuid4() for _ in range(batch)]
+        everyone = [uuid.uuid4() for _ in range(max(streams, batch))]
+        ids = everyone[:batch]
         await conn.execute(
             "INSERT INTO conversations (id, prompt, model, provider, owner_id)"
             " SELECT unnest(%s::uuid[]), 'p', 'm', 'demo', %s",
-            (ids, owner),
+            (everyone, owner),
         )
         pid = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone())[0]
         seq = 0
@@ -108,7 +111,7 @@ def databases(server_url: str) -> dict[str, str]:
     return urls
 
 
-async def run(server_url: str, rounds: int, chunks_total: int, fsync: bool) -> None:
+async def run(server_url: str, rounds: int, chunks_total: int, fsync: bool, streams: int) -> None:
     urls = databases(server_url)
     variants = {
         "unfenced, FK": (urls["fk"], unfenced),
@@ -120,7 +123,8 @@ async def run(server_url: str, rounds: int, chunks_total: int, fsync: bool) -> N
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
         for _ in range(rounds):
             for name, (url, insert) in variants.items():
-                results[name].append(await measure(url, insert, batch, chunks_total, fsync))
+                sample = await measure(url, insert, batch, chunks_total, fsync, streams)
+                results[name].append(sample)
         for name, samples in results.items():
             wall, client, cpu = (statistics.median(s[i] for s in samples) for i in range(3))
             print(
@@ -137,13 +141,14 @@ def main() -> None:
     parser.add_argument(
         "--no-fsync", action="store_true", help="synchronous_commit = off: no wait for the disk"
     )
+    parser.add_argument("--streams", type=int, default=1000, help="live streams of the owner")
     args = parser.parse_args()
     fsync = not args.no_fsync
     if args.database_url:
-        asyncio.run(run(args.database_url, args.rounds, args.chunks, fsync))
+        asyncio.run(run(args.database_url, args.rounds, args.chunks, fsync, args.streams))
         return
     with tempfile.TemporaryDirectory() as folder, EmbeddedPostgres(Path(folder)) as postgres:
-        asyncio.run(run(postgres.url, args.rounds, args.chunks, fsync))
+        asyncio.run(run(postgres.url, args.rounds, args.chunks, fsync, args.streams))
 
 
 if __name__ == "__main__":
