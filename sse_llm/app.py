@@ -92,13 +92,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     provider = create_provider(settings)
     metrics = app.state.metrics
     writer = Writer(database_url, settings.storage_timeout, metrics)
-    writer.start()
     generations = Generations(provider, writer, pool, settings, metrics)
     admission = Admission(
         writer.lag, settings.overload_lag, settings.queue_timeout, metrics.waiting_streams
     )
     lease = InstanceLease(database_url, pool, generations.ids)
     await lease.start()
+    # Started once the instance id is final: the writer's chunks and ends are fenced by it.
+    writer.start(lease.instance_id)
     broadcast = Broadcast(database_url, on_cancel=generations.cancel)
     broadcast.start()
     app.state.pool = pool

@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sse_llm.database import QueriesBusy, QueryTimeout
-from sse_llm.writer import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,22 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+class StorageUnavailable(Exception):
+    """The database could not store a batch within the storage timeout (the writer's)."""
+
+
+class StorageRejected(ApiError):
+    """The database refused what a request asked to store (the writer isolated it).
+
+    Validation should refuse such input first; should some slip through, the request
+    fails alone, with a 422 (retrying the same text cannot succeed), not the batch.
+    """
+
+    def __init__(self) -> None:
+        message = "The database refused to store this request's text."
+        super().__init__(422, "storage_rejected", message)
 
 
 def error_response(

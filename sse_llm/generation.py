@@ -16,12 +16,13 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
+from sse_llm import store
 from sse_llm.config import Settings
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.providers.base import ModelRequest
 from sse_llm.store import Chunk, Conversation, Ending, Outcome
-from sse_llm.writer import Writer
+from sse_llm.writer import Writer, rejected_end, unavailable_end
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Generation:
     """Streams one answer from the provider through the writer to its subscribers."""
 
     __slots__ = (
+        "_fenced",
         "_first_chunk_after",
         "_generating",
         "_last_write",
@@ -94,6 +96,7 @@ class Generation:
         "_provider",
         "_settings",
         "_stop_reason",
+        "_storage_code",
         "_subscribers",
         "_writer",
         "conversation",
@@ -121,7 +124,9 @@ class Generation:
         self._metrics = metrics
         self.id: UUID = conversation.id
         self.persisted = 0  # highest seq persisted and published
-        self.storage_failed = False
+        self.storage_failed = False  # no more of its chunks may be stored
+        self._storage_code: str | None = None  # why, when the writer failed them
+        self._fenced = False  # another process settled the conversation
         self.outcome: Outcome | None = None
         self._provider = provider
         self._writer = writer
@@ -160,14 +165,23 @@ class Generation:
         for subscriber in self._subscribers:
             subscriber.deliver(chunk)
 
-    def fail_storage(self) -> None:
-        """Called by the writer when the database could not take this generation's chunks."""
+    def fail_storage(self, code: str) -> None:
+        """Called by the writer when the database could not take this generation's chunks
+        (`storage_unavailable` or `storage_rejected`); the writer records that end."""
         self.storage_failed = True
-        self.stop("storage_unavailable")
+        self._storage_code = code
+        self.stop(code)
+
+    def fence(self) -> None:
+        """Called by the writer when the conversation is no longer this process's (another
+        settled it): stop, and tell the clients what its row says."""
+        self.storage_failed = True
+        self._fenced = True
+        self.stop("fenced")
 
     def stop(self, reason: str) -> None:
         """Stop generating: `cancelled` (asked by a user), `interrupted` (shutdown),
-        `timeout` (the watchdog) or `storage_unavailable`."""
+        `timeout` (the watchdog), `storage_unavailable`, `storage_rejected` or `fenced`."""
         # Only the provider loop is cancelled: once it is over, the last chunks and the end
         # are being persisted, and interrupting that would lose them.
         if self._stop_reason is not None or self.outcome is not None:
@@ -186,23 +200,47 @@ class Generation:
             self._metrics.active_streams.dec()
         if self._last_write is not None:
             await self._last_write  # every chunk handed to the writer is settled after this
-        if self.storage_failed:
-            produced = self._stopped_outcome("storage_unavailable")
-        outcome = Outcome(
-            produced.status, self.persisted, produced.error_code, produced.error_message
-        )
-        if not self.storage_failed:
-            ending = Ending(self.id, outcome.status, outcome.error_code, outcome.error_message)
-            if not await self._writer.finish(ending):
-                failed = self._stopped_outcome("storage_unavailable")
-                outcome = Outcome(
-                    failed.status, self.persisted, failed.error_code, failed.error_message
-                )
+        outcome = await self._record(produced)
         self.outcome = outcome
         for subscriber in self._subscribers:
             subscriber.finish(outcome)
         self._subscribers.clear()
         self._report(outcome, started)
+
+    async def _record(self, produced: Outcome) -> Outcome:
+        """Have the end recorded; return the one the row holds, which clients are told."""
+        if self._fenced:
+            return await self._recorded_outcome()
+        if self.storage_failed:  # the writer records this end itself, when it can
+            return self._with_persisted_count(
+                self._stopped_outcome(self._storage_code or "storage_unavailable")
+            )
+        ending = Ending(self.id, produced.status, produced.error_code, produced.error_message)
+        recorded = await self._writer.finish(ending)
+        if recorded is None:  # another process settled the conversation first
+            return await self._recorded_outcome()
+        return self._with_persisted_count(
+            Outcome(recorded.status, 0, recorded.error_code, recorded.error_message)
+        )
+
+    async def _recorded_outcome(self) -> Outcome:
+        """How the row of a conversation another process settled says it ended."""
+        try:
+            recorded = await store.get_status(self._pool, self.id)
+        except Exception as exc:  # the database went away again
+            log.warning("could not read how conversation %s ended: %s", self.id, exc)
+            recorded = None
+        if recorded is None or recorded.status == "streaming":
+            # Only a process that takes this one for dead settles its conversations, and
+            # it marks them interrupted.
+            recorded = self._stopped_outcome("interrupted")
+        # Its clients got the chunks persisted and published; a settler assembled the
+        # same ones (the fence refused any later), so the counts agree.
+        return self._with_persisted_count(recorded)
+
+    def _with_persisted_count(self, outcome: Outcome) -> Outcome:
+        """`outcome` with the number of chunks persisted and published."""
+        return Outcome(outcome.status, self.persisted, outcome.error_code, outcome.error_message)
 
     def _report(self, outcome: Outcome, started: float) -> None:
         """The per-stream log line and metrics (never the prompt or response text)."""
@@ -290,9 +328,12 @@ class Generation:
         # `chunks` is filled in by run() from what was actually persisted.
         if reason == "cancelled":
             return Outcome("cancelled", 0, "cancelled", "The generation was cancelled.")
+        if reason == "storage_rejected":
+            ending = rejected_end(self.id)
+            return Outcome("failed", 0, ending.error_code, ending.error_message)
         if reason == "storage_unavailable":
-            message = "The database could not store the answer; the stream was stopped."
-            return Outcome("failed", 0, "storage_unavailable", message)
+            ending = unavailable_end(self.id)
+            return Outcome("failed", 0, ending.error_code, ending.error_message)
         message = "The service stopped while this answer was streaming."
         return Outcome("interrupted", 0, "interrupted", message)
 

@@ -165,47 +165,80 @@ def _json_or_none(value: object) -> Jsonb | None:
     return None if value is None else Jsonb(value)
 
 
-async def insert_chunks(conn: AsyncConnection, chunks: Sequence[Chunk]) -> None:
-    """Append a batch of chunks and tell other processes which conversations grew.
+async def insert_chunks(
+    conn: AsyncConnection, chunks: Sequence[Chunk], owner_id: UUID
+) -> list[UUID]:
+    """Append a batch of chunks of conversations `owner_id` still streams; return the others.
 
-    One statement, so one round trip and one transaction per batch however many
-    streams it holds; the notification is sent only if the rows are committed.
+    The fence: each conversation's row is locked `FOR SHARE` only if it is still
+    `streaming` and still `owner_id`'s, and only the chunks of locked rows are inserted.
+    A process that settles another's conversation (lease.py) locks the row `FOR UPDATE`
+    first, so either these chunks go in before it assembles the response, or they wait,
+    find the row settled, and are refused: never both. The ids of refused conversations
+    come back. One statement, so one round trip and one transaction per batch however
+    many streams it holds; the notification is sent only if the rows are committed.
     """
     # The rows travel as one JSON text: encoding it is one C call, where psycopg dumps
     # arrays element by element in Python (a batch of 30 cost 290 µs of CPU, now 150).
     rows = _json_rows.encode([(c.conversation_id.hex, c.seq, c.text) for c in chunks])
+    # One lock per conversation and batch; it also proves the row exists, so chunks need
+    # no foreign key (which locked the row once per chunk: migration 0005). Rows are
+    # locked in id order: a settler that locks in that order too cannot deadlock with it.
+    # Each row is looked up by key, whatever the planner thinks of the batch's size (it
+    # takes a JSON array for 100 rows): as a join it scanned the whole table or every
+    # live stream's row per batch, 600 µs for a batch of one among 1,000 streams.
+    # `IS NOT DISTINCT FROM` (the same as `=` here) keeps it off the partial index of
+    # streaming rows, which it takes for small.
     # The notification lists each conversation once; a payload holds under 8000 bytes,
-    # so about 200 ids each.
-    await conn.execute(
+    # so about 200 ids each. A SELECT in WITH runs only if used: hence the UNION.
+    cursor = await conn.execute(
         """
         WITH batch AS (
             SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
             FROM json_array_elements(%(rows)s::json) AS r
+        ), owned AS (
+            SELECT c.id FROM (SELECT DISTINCT id FROM batch ORDER BY id) AS b
+            CROSS JOIN LATERAL (
+                SELECT c.id FROM conversations c
+                WHERE c.id = b.id AND c.owner_id = %(owner_id)s
+                  AND c.status IS NOT DISTINCT FROM 'streaming'
+                FOR SHARE
+            ) AS c
         ), inserted AS (
-            INSERT INTO chunks (conversation_id, seq, text) SELECT id, seq, text FROM batch
+            INSERT INTO chunks (conversation_id, seq, text)
+            SELECT b.id, b.seq, b.text FROM batch b JOIN owned USING (id)
             ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
         ), touched AS (
-            SELECT id::text, (row_number() OVER () - 1) / 200 AS part
-            FROM (SELECT DISTINCT id FROM batch) AS distinct_ids
+            SELECT id::text, (row_number() OVER () - 1) / 200 AS part FROM owned
         )
-        SELECT pg_notify('sse_llm_chunks', string_agg(id, ',')) FROM touched GROUP BY part
+        SELECT NULL::uuid FROM (
+            SELECT pg_notify('sse_llm_chunks', string_agg(id, ',')) FROM touched GROUP BY part
+        ) AS notified
+        UNION ALL
+        (SELECT id FROM batch EXCEPT SELECT id FROM owned)
         """,
-        {"rows": rows},
+        {"rows": rows, "owner_id": owner_id},
     )
+    return [row[0] for row in await cursor.fetchall() if row[0] is not None]
 
 
 # NUL never reaches here (providers clean it: PostgreSQL text cannot hold it), so every
-# string survives json's \u escapes.
+# string survives json's \u escapes; should one slip through, the statement fails and
+# the writer isolates the chunk that holds it.
 _json_rows = json.JSONEncoder(ensure_ascii=False)
 
 
-async def finish_conversations(conn: AsyncConnection, ends: Sequence[Ending]) -> None:
-    """Record how generations ended and assemble each response from its chunks, once.
+async def finish_conversations(
+    conn: AsyncConnection, ends: Sequence[Ending], owner_id: UUID
+) -> list[UUID]:
+    """Record how generations ended and assemble each response from its chunks, once;
+    return the ids recorded.
 
-    Only conversations still `streaming` change, so a late writer never overwrites an
-    end already recorded (by recovery, say). Followers in other processes are notified.
+    Fenced like insert_chunks: only conversations still `streaming` and still
+    `owner_id`'s change, so a late writer never overwrites an end already recorded (by
+    another process's recovery, say). Followers in other processes are notified.
     """
-    await conn.execute(
+    cursor = await conn.execute(
         """
         UPDATE conversations AS c
         SET status = e.status,
@@ -223,15 +256,35 @@ async def finish_conversations(conn: AsyncConnection, ends: Sequence[Ending]) ->
                    count(*)::int AS count, min(created_at) AS first_at
             FROM chunks WHERE conversation_id = e.id
         ) AS k
-        WHERE c.id = e.id AND c.status = 'streaming'
-        RETURNING pg_notify('sse_llm_chunks', c.id::text)
+        WHERE c.id = e.id AND c.owner_id = %(owner_id)s
+          AND c.status IS NOT DISTINCT FROM 'streaming'  -- by key: see insert_chunks
+        RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
         """,
         {
             "ids": [e.conversation_id for e in ends],
             "statuses": [e.status for e in ends],
             "codes": [e.error_code for e in ends],
             "messages": [e.error_message for e in ends],
+            "owner_id": owner_id,
         },
+    )
+    return [row[0] for row in await cursor.fetchall()]
+
+
+async def delete_unconfirmed_conversations(conn: AsyncConnection, ids: Sequence[UUID]) -> None:
+    """Remove conversations whose creation no client was told of, with their chunks.
+
+    A batch whose COMMIT reply was lost may have created rows whose requests got an
+    error: nobody knows their ids, so no row of theirs may stay (whatever its status:
+    another process may have settled it meanwhile). No generation ever ran for them,
+    so they have no chunks; deleting those too keeps that true without a foreign key.
+    """
+    await conn.execute(
+        """
+        WITH removed AS (DELETE FROM conversations WHERE id = ANY(%(ids)s) RETURNING id)
+        DELETE FROM chunks WHERE conversation_id IN (SELECT id FROM removed)
+        """,
+        {"ids": list(ids)},
     )
 
 

@@ -7,6 +7,27 @@ cost one transaction per batch, not one per chunk, and never queue for the pool.
 load the writer also lingers 3 ms before each batch, so that batches grow.
 Only once a batch is committed are its chunks handed to their generations, which pass
 them on to subscribers: no client ever sees a chunk that is not on disk.
+
+What can go wrong, and why each answer is what it is:
+
+- Only a lost connection (or a condition of the server's, not of the data: class 08,
+  40, 53, 57, 58) is an outage. The batch is retried with backoff for up to the
+  storage timeout; its new conversations fail at once (no client has seen anything
+  of them), the rest fail `storage_unavailable` after the timeout.
+- Any other error is the fault of some items of the batch (text the database cannot
+  hold, an index row too long). Failing the whole batch would let one client end every
+  stream of the process, so the batch is written again in one transaction with each
+  half under a savepoint, halving whatever fails: k bad items among n cost O(k log n)
+  statements, every other item is stored and published, and each bad item fails alone
+  with `storage_rejected` (a bad end is recorded as a plain failed end instead).
+- Chunks and ends are fenced (see lease.py): they are written only into conversations
+  this process still owns and that still stream. One that is refused was settled by
+  another process; its generation stops and tells its clients what the row says.
+- An end its clients were told but that could not be stored (an outage past the
+  storage timeout) is kept and retried with every later batch, and once more at close,
+  so the history says what the clients saw. A batch whose COMMIT reply was lost may
+  have created conversations for requests that got an error: nobody knows their ids,
+  so their rows are deleted once the database answers again.
 """
 
 from __future__ import annotations
@@ -14,14 +35,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard, TypeVar
+from uuid import UUID
 
 import psycopg
 
 from sse_llm import store
+from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
+
+__all__ = ["ChunkOwner", "StorageRejected", "StorageUnavailable", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +57,46 @@ log = logging.getLogger(__name__)
 # (batches of one chunk) never waits.
 LINGER_SECONDS = 0.003
 BUSY_BATCH = 4
+# Backoff between attempts while the database is away (a batch's own retries, and
+# those of kept ends and unconfirmed conversations when nothing else is written).
+RETRY_FIRST_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+# SQLSTATE classes that say nothing about the data: connection exceptions (08),
+# transaction rollback (40: a deadlock, say), insufficient resources (53, a full disk),
+# operator intervention (57: a shutdown, a cancel), system errors (58: I/O).
+_NOT_THE_DATA = ("08", "40", "53", "57", "58")
+
+STORAGE_UNAVAILABLE_MESSAGE = "The database could not store the answer; the stream was stopped."
+STORAGE_REJECTED_MESSAGE = "The database refused this answer's text; the stream was stopped."
+
+T = TypeVar("T")
 
 
-class StorageUnavailable(Exception):
-    """The database could not store a batch within the storage timeout."""
+def unavailable_end(conversation_id: UUID) -> Ending:
+    """The end of a generation whose answer the database could not take in time."""
+    return Ending(conversation_id, "failed", "storage_unavailable", STORAGE_UNAVAILABLE_MESSAGE)
+
+
+def rejected_end(conversation_id: UUID) -> Ending:
+    """The end of a generation some of whose text the database refused."""
+    return Ending(conversation_id, "failed", "storage_rejected", STORAGE_REJECTED_MESSAGE)
 
 
 class ChunkOwner(Protocol):
     """What the writer tells about a chunk once its batch is settled (a Generation)."""
 
+    # True once none of its chunks may be stored any more: a later one would leave a gap.
     storage_failed: bool
 
     def publish(self, chunk: Chunk) -> None:
         """The chunk is persisted: pass it on."""
 
-    def fail_storage(self) -> None:
-        """A batch holding this owner's chunks could not be stored."""
+    def fail_storage(self, code: str) -> None:
+        """Its chunks could not be stored (`storage_unavailable` or `storage_rejected`);
+        the writer records that end itself."""
+
+    def fence(self) -> None:
+        """Its conversation is no longer this process's to write: another settled it."""
 
 
 @dataclass
@@ -57,12 +107,45 @@ class _Batch:
         default_factory=list
     )
     chunks: list[tuple[Chunk, ChunkOwner]] = field(default_factory=list)
-    ends: list[tuple[Ending, asyncio.Future[bool]]] = field(default_factory=list)
+    ends: list[tuple[Ending, asyncio.Future[Ending | None]]] = field(default_factory=list)
     # One future for all the chunks of the batch: no allocation per chunk.
     chunks_done: asyncio.Future[bool] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.creates or self.chunks or self.ends)
+
+
+@dataclass
+class _Stored:
+    """What one committed transaction did."""
+
+    rows: dict[UUID, Conversation] = field(default_factory=dict)
+    # Conversations whose chunks the fence turned away.
+    refused: set[UUID] = field(default_factory=set)
+    # Conversations whose create was refused, or the seq of their first chunk refused
+    # (that chunk and every later one of the batch are not stored).
+    rejected_creates: set[UUID] = field(default_factory=set)
+    rejected_from: dict[UUID, int] = field(default_factory=dict)
+    # Each end as recorded (a plain failed end if the database refused the first one);
+    # an end missing here was fenced.
+    ends: dict[UUID, Ending] = field(default_factory=dict)
+
+
+def is_outage(exc: BaseException, connection: psycopg.AsyncConnection | None) -> bool:
+    """Whether an error says the database is away (retry) rather than refusing data."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate:
+        return exc.sqlstate.startswith(_NOT_THE_DATA)
+    # No SQLSTATE: raised by psycopg itself; a connection problem if the connection broke.
+    return isinstance(exc, psycopg.OperationalError) and (
+        connection is None or connection.broken or connection.closed
+    )
+
+
+def _is_conflict(exc: BaseException) -> TypeGuard[psycopg.Error]:
+    """A transaction rollback (SQLSTATE class 40): a deadlock or serialization failure."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
 
 
 class Writer:
@@ -72,29 +155,43 @@ class Writer:
         self._database_url = database_url
         self._storage_timeout = storage_timeout
         self._metrics = metrics
+        self._owner_id: UUID | None = None
         self._pending = _Batch()
         self._writing: _Batch | None = None
+        # Ends clients were told but not stored yet, and conversations to delete.
+        self._kept: dict[UUID, Ending] = {}
+        self._unconfirmed: set[UUID] = set()
+        self._retry_delay = 0.0
+        self._committing = False  # the COMMIT of the current transaction is under way
         self._wake = asyncio.Event()
         self._closing = False
+        self._closed = False
         self._connection: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start the background task that writes batches."""
+    def start(self, owner_id: UUID) -> None:
+        """Start writing batches for the process whose instance id is `owner_id`.
+
+        Chunks and ends are written only into conversations `owner_id` still owns.
+        """
+        self._owner_id = owner_id
         self._task = asyncio.create_task(self._run(), name="writer")
 
     async def close(self) -> None:
-        """Write what is pending, then stop."""
+        """Write everything pending (and retry kept ends once more), then stop."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        if self._connection is not None:
-            await self._connection.close()
+        self._closed = True  # also if never started
+        await self._disconnect()
 
     def create(self, conversation: NewConversation) -> asyncio.Future[Conversation]:
         """Queue a new conversation; the future gives its row once committed."""
         future: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(StorageUnavailable("the writer is closed"))
+            return future
         self._pending.creates.append((conversation, future))
         self._wake.set()
         return future
@@ -103,18 +200,37 @@ class Writer:
         """Queue a chunk; the future resolves True once its batch is committed and published,
         False if the batch could not be stored."""
         pending = self._pending
+        if self._closed:
+            owner.fail_storage("storage_unavailable")
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(False)
+            return done
         if pending.chunks_done is None:
             pending.chunks_done = asyncio.get_running_loop().create_future()
         pending.chunks.append((chunk, owner))
         self._wake.set()
         return pending.chunks_done
 
-    def finish(self, ending: Ending) -> asyncio.Future[bool]:
-        """Queue the end of a generation; the future says whether it was stored."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def finish(self, ending: Ending) -> asyncio.Future[Ending | None]:
+        """Queue the end of a generation; the future gives the end its clients must be
+        told (the one recorded, or kept to be recorded), or None if another process
+        settled the conversation first (its row says how it ended)."""
+        future: asyncio.Future[Ending | None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_result(unavailable_end(ending.conversation_id))
+            return future
         self._pending.ends.append((ending, future))
         self._wake.set()
         return future
+
+    def unsettled_ids(self) -> set[UUID]:
+        """Conversations whose end is queued, being written or kept for a retry, or whose
+        row is to be deleted: a sweep of this process's own rows must leave them alone."""
+        ids = set(self._kept) | self._unconfirmed
+        ids.update(ending.conversation_id for ending, _ in self._pending.ends)
+        if self._writing is not None:
+            ids.update(ending.conversation_id for ending, _ in self._writing.ends)
+        return ids
 
     def lag(self) -> float:
         """Seconds since the oldest chunk no client can see yet was produced (0: none)."""
@@ -126,12 +242,24 @@ class Writer:
 
     async def _run(self) -> None:
         busy = False  # the last batch held chunks of several streams
+        last_try = False  # closing: the leftovers have had their last attempt
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            # Checked before every wait, not after a wake-up: a write and close() in the
+            # same tick set the event once, and the close must not wait for another.
             if not self._pending:
+                leftovers = bool(self._kept or self._unconfirmed)
                 if self._closing:
-                    return
+                    if not leftovers or last_try:
+                        break
+                    last_try = True  # once more, before the lease lets go of the rows
+                    await self._write_batch(_Batch())
+                    continue
+                if leftovers:
+                    if not await self._woken_within(self._retry_delay):
+                        await self._write_batch(_Batch())  # the leftovers alone
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             if busy and not self._closing:
                 await asyncio.sleep(LINGER_SECONDS)
@@ -140,97 +268,290 @@ class Writer:
             await self._write_batch(batch)
             self._writing = None
             busy = len(batch.chunks) >= BUSY_BATCH
+        # No await since the last look at _pending: nothing queued can be left behind.
+        self._closed = True
+
+    async def _woken_within(self, seconds: float) -> bool:
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _write_batch(self, batch: _Batch) -> None:
         # An owner whose earlier batch failed must not get later chunks stored: that
         # would leave a gap in its sequence.
         batch.chunks = [(c, owner) for c, owner in batch.chunks if not owner.storage_failed]
+        # A create whose request went away while it waited is not written at all.
+        batch.creates = [(c, future) for c, future in batch.creates if not future.done()]
         started = time.monotonic()
         try:
-            rows = await self._persist(batch)
+            stored = await self._persist(batch)
         except StorageUnavailable as exc:
+            self._retry_delay = min(
+                max(self._retry_delay * 2, RETRY_FIRST_SECONDS), RETRY_MAX_SECONDS
+            )
             self._fail(batch, exc)
             return
-        by_id = {row.id: row for row in rows}
+        except Exception as exc:  # a bug of ours: the writer, which every stream needs, lives on
+            log.exception("could not write a batch")
+            self._fail(batch, StorageUnavailable(str(exc)))
+            return
+        self._retry_delay = 0.0
+        self._settle(batch, stored, time.monotonic() - started)
+
+    def _settle(self, batch: _Batch, stored: _Stored, seconds: float) -> None:
+        """Tell everyone waiting on the committed batch what became of their items."""
         for conversation, future in batch.creates:
-            if not future.done():
-                future.set_result(by_id[conversation.id])
-        for chunk, owner in batch.chunks:
-            owner.publish(chunk)
-        for _, future in batch.ends:
-            future.set_result(True)
-        if batch.chunks_done is not None:
+            if conversation.id in stored.rejected_creates:
+                if not future.done():
+                    future.set_exception(StorageRejected())
+            elif not future.done():
+                future.set_result(stored.rows[conversation.id])
+            else:  # its request went away meanwhile: nobody will ever know this id
+                self._unconfirmed.add(conversation.id)
+        if stored.refused or stored.rejected_from:
+            published = self._settle_chunks(batch.chunks, stored)
+        else:  # the usual case: no test per chunk
+            for chunk, owner in batch.chunks:
+                owner.publish(chunk)
+            published = [chunk for chunk, _ in batch.chunks]
+        for ending, end_future in batch.ends:
+            if not end_future.done():
+                end_future.set_result(stored.ends.get(ending.conversation_id))
+        if batch.chunks_done is not None and not batch.chunks_done.done():
             batch.chunks_done.set_result(True)
-        if batch.chunks:
-            self._metrics.observe_batch([c for c, _ in batch.chunks], time.monotonic() - started)
+        if published:
+            self._metrics.observe_batch(published, seconds)
+
+    def _settle_chunks(
+        self, chunks: list[tuple[Chunk, ChunkOwner]], stored: _Stored
+    ) -> list[Chunk]:
+        published: list[Chunk] = []
+        for chunk, owner in chunks:
+            conversation_id = chunk.conversation_id
+            first_rejected = stored.rejected_from.get(conversation_id)
+            if conversation_id in stored.refused:
+                if not owner.storage_failed:
+                    owner.fence()
+            elif first_rejected is not None and chunk.seq >= first_rejected:
+                if not owner.storage_failed:
+                    owner.fail_storage("storage_rejected")
+                    self._kept[conversation_id] = rejected_end(conversation_id)
+            else:
+                owner.publish(chunk)
+                published.append(chunk)
+        return published
 
     def _fail(self, batch: _Batch, exc: StorageUnavailable) -> None:
+        """The batch could not be stored: every item fails `storage_unavailable`, and the
+        ends its clients are told are kept, to be recorded once the database is back."""
         for _, future in batch.creates:
             if not future.done():
                 future.set_exception(exc)
-        for _, owner in batch.chunks:
+        for chunk, owner in batch.chunks:
             if not owner.storage_failed:
-                owner.fail_storage()
-        for _, future in batch.ends:
-            future.set_result(False)
-        if batch.chunks_done is not None:
+                owner.fail_storage("storage_unavailable")
+                self._kept[chunk.conversation_id] = unavailable_end(chunk.conversation_id)
+        for ending, end_future in batch.ends:
+            told = unavailable_end(ending.conversation_id)
+            self._kept[told.conversation_id] = told
+            if not end_future.done():
+                end_future.set_result(told)
+        if batch.chunks_done is not None and not batch.chunks_done.done():
             batch.chunks_done.set_result(False)
 
-    async def _persist(self, batch: _Batch) -> list[Conversation]:
-        """Write the batch in one transaction; on a connection problem retry with backoff.
+    async def _persist(self, batch: _Batch) -> _Stored:
+        """Write the batch (and the leftovers) in one transaction; on a connection problem
+        retry with backoff; on any other error, write it again isolating the bad items.
 
         New conversations are not held through an outage: their requests get their
         error at once, since no client has seen anything of them yet.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._storage_timeout
-        delay = 0.05
+        delay = RETRY_FIRST_SECONDS
+        isolate = False
         while True:
+            kept = list(self._kept.values())
+            unconfirmed = list(self._unconfirmed)
             try:
-                return await self._transaction(batch)
-            except psycopg.OperationalError as exc:
+                # A database that stops answering (a half-open socket) must not hold every
+                # stream of the process for ever: an attempt gets what is left of the
+                # timeout (psycopg then tries to cancel for up to 10 s before it closes).
+                async with asyncio.timeout(max(deadline - loop.time(), RETRY_FIRST_SECONDS)):
+                    stored = await self._transaction(batch, kept, unconfirmed, isolate)
+            except Exception as exc:
+                if _is_conflict(exc) and loop.time() < deadline:
+                    # A deadlock (with a settler locking rows in another order, say) rolled
+                    # the transaction back, and nothing else: try again at once.
+                    log.warning("a batch met a conflict, retrying it: %s", exc.sqlstate)
+                    continue
+                if not (isinstance(exc, TimeoutError) or is_outage(exc, self._connection)):
+                    if isolate:  # outside every savepoint: nothing left to isolate
+                        log.error("could not store a batch (%s)", type(exc).__name__)
+                        raise StorageUnavailable(str(exc)) from exc
+                    # No text of the error: it may quote a prompt.
+                    log.warning("the database refused part of a batch (%s)", type(exc).__name__)
+                    isolate = True
+                    continue
                 await self._disconnect()
                 self._fail_creates(batch, exc)
                 if not (batch.chunks or batch.ends) or loop.time() + delay > deadline:
-                    log.error("giving up on a batch: %s", exc)
+                    log.error("giving up on a batch: %s", str(exc) or type(exc).__name__)
                     raise StorageUnavailable(str(exc)) from exc
                 log.warning(
                     "database unavailable, retrying a batch of %d chunks", len(batch.chunks)
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except psycopg.Error as exc:
-                # Not a connection problem: retrying would fail the same way.
-                log.error("could not store a batch: %s", exc)
-                raise StorageUnavailable(str(exc)) from exc
-            except Exception as exc:
-                # Text that cannot be encoded, say: this batch fails, but the writer, which
-                # every stream of the process depends on, must live on.
-                log.exception("could not encode a batch")
-                raise StorageUnavailable(str(exc)) from exc
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            for ending in kept:  # recorded, or settled by another process
+                self._kept.pop(ending.conversation_id, None)
+            self._unconfirmed.difference_update(unconfirmed)
+            return stored
 
     def _fail_creates(self, batch: _Batch, exc: Exception) -> None:
+        if self._committing:
+            # The COMMIT went out and no reply came back: the rows may exist, and their
+            # requests are about to get an error. They are deleted once the database answers.
+            self._unconfirmed.update(conversation.id for conversation, _ in batch.creates)
         for _, future in batch.creates:
             if not future.done():
                 future.set_exception(StorageUnavailable(str(exc)))
         batch.creates = []
 
-    async def _transaction(self, batch: _Batch) -> list[Conversation]:
+    async def _transaction(
+        self, batch: _Batch, kept: list[Ending], unconfirmed: list[UUID], isolate: bool
+    ) -> _Stored:
+        self._committing = False
         connection = await self._connect()
-        chunks = [chunk for chunk, _ in batch.chunks]
-        if not batch.creates and not batch.ends:
-            await store.insert_chunks(connection, chunks)  # one statement: no BEGIN needed
-            return []
-        rows: list[Conversation] = []
+        stored = _Stored()
+        ends = [ending for ending, _ in batch.ends] + kept
+        if not (batch.creates or ends or unconfirmed or isolate):
+            # One statement: no BEGIN needed.
+            await self._insert_chunks(connection, batch.chunks, stored, isolate=False)
+            return stored
         async with connection.transaction():
+            if unconfirmed:
+                await self._delete(connection, unconfirmed, isolate)
             if batch.creates:
-                new = [conversation for conversation, _ in batch.creates]
-                rows = await store.insert_conversations(connection, new)
-            if chunks:
-                await store.insert_chunks(connection, chunks)
-            if batch.ends:
-                await store.finish_conversations(connection, [e for e, _ in batch.ends])
-        return rows
+                await self._insert_conversations(connection, batch.creates, stored, isolate)
+            if batch.chunks:
+                await self._insert_chunks(connection, batch.chunks, stored, isolate)
+            if ends:
+                await self._finish(connection, ends, stored, isolate)
+            self._committing = True
+        self._committing = False
+        return stored
+
+    async def _delete(
+        self, connection: psycopg.AsyncConnection, ids: list[UUID], isolate: bool
+    ) -> None:
+        async def delete(part: list[UUID]) -> None:
+            await store.delete_unconfirmed_conversations(connection, part)
+
+        def give_up(conversation_id: UUID) -> None:
+            log.error("could not delete unconfirmed conversation %s", conversation_id)
+
+        await self._isolating(connection, ids, delete, give_up, isolate)
+
+    async def _insert_conversations(
+        self,
+        connection: psycopg.AsyncConnection,
+        creates: list[tuple[NewConversation, asyncio.Future[Conversation]]],
+        stored: _Stored,
+        isolate: bool,
+    ) -> None:
+        async def insert(part: list[NewConversation]) -> None:
+            for row in await store.insert_conversations(connection, part):
+                stored.rows[row.id] = row
+
+        def reject(conversation: NewConversation) -> None:
+            stored.rejected_creates.add(conversation.id)
+
+        new = [conversation for conversation, _ in creates]
+        await self._isolating(connection, new, insert, reject, isolate)
+
+    async def _insert_chunks(
+        self,
+        connection: psycopg.AsyncConnection,
+        chunks: list[tuple[Chunk, ChunkOwner]],
+        stored: _Stored,
+        isolate: bool,
+    ) -> None:
+        owner_id = self._owner_id
+        assert owner_id is not None, "the writer was not started"
+
+        async def insert(part: list[Chunk]) -> None:
+            if stored.rejected_from:  # no chunk after a refused one: it would leave a gap
+                part = [c for c in part if c.conversation_id not in stored.rejected_from]
+            if part:
+                stored.refused.update(await store.insert_chunks(connection, part, owner_id))
+
+        def reject(chunk: Chunk) -> None:
+            stored.rejected_from.setdefault(chunk.conversation_id, chunk.seq)
+
+        await self._isolating(connection, [chunk for chunk, _ in chunks], insert, reject, isolate)
+
+    async def _finish(
+        self,
+        connection: psycopg.AsyncConnection,
+        ends: list[Ending],
+        stored: _Stored,
+        isolate: bool,
+    ) -> None:
+        owner_id = self._owner_id
+        assert owner_id is not None, "the writer was not started"
+
+        async def finish(part: list[Ending]) -> None:
+            recorded = set(await store.finish_conversations(connection, part, owner_id))
+            stored.ends.update(
+                (e.conversation_id, e) for e in part if e.conversation_id in recorded
+            )
+
+        refused: list[Ending] = []
+        await self._isolating(connection, ends, finish, refused.append, isolate)
+        if not refused:
+            return
+        # The end the database refused becomes a plain failed end: still what clients are
+        # told, and the row stops streaming. Should that be refused too, the row is left
+        # to the sweep of this process's own rows.
+        plain = [rejected_end(ending.conversation_id) for ending in refused]
+        abandoned: list[Ending] = []
+        await self._isolating(connection, plain, finish, abandoned.append, isolate=True)
+        for ending in abandoned:
+            log.error("the database refused even a plain end of %s", ending.conversation_id)
+            stored.ends[ending.conversation_id] = ending
+
+    async def _isolating(
+        self,
+        connection: psycopg.AsyncConnection,
+        items: list[T],
+        write: Callable[[list[T]], Awaitable[None]],
+        reject: Callable[[T], None],
+        isolate: bool,
+    ) -> None:
+        """`write(items)`; with `isolate`, under a savepoint, halving what fails down to
+        the items the database refuses, which go to `reject`, in order."""
+        if not isolate:
+            await write(items)
+            return
+        try:
+            async with connection.transaction():  # a savepoint
+                await write(items)
+            return
+        except Exception as exc:
+            if is_outage(exc, connection):
+                raise
+            if len(items) == 1:
+                reject(items[0])
+                return
+        middle = len(items) // 2
+        await self._isolating(connection, items[:middle], write, reject, isolate)
+        await self._isolating(connection, items[middle:], write, reject, isolate)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is None or self._connection.closed:

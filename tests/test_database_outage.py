@@ -1,13 +1,15 @@
-"""The database goes away under a running service and comes back (issue 3, point 6)."""
+"""The database goes away under a running service and comes back (issue 3 point 6, issue 12
+point 4)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from uuid import uuid4
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
 
 import httpx
 import psycopg
@@ -15,11 +17,15 @@ import pytest
 
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.errors import StorageUnavailable
 from sse_llm.metrics import Metrics
-from sse_llm.store import Chunk, NewConversation
+from sse_llm.store import Chunk, Ending, NewConversation
 from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
+from tests.tcp_proxy import TcpProxy
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -95,7 +101,7 @@ def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
     assert row == ("completed", chunk_text(events))
 
 
-def test_long_outage_ends_the_stream_with_storage_unavailable(
+def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_so(
     own_database: EmbeddedPostgres, base_settings: Settings
 ) -> None:
     server = start_server(
@@ -130,8 +136,28 @@ def test_long_outage_ends_the_stream_with_storage_unavailable(
             )
         # Nothing was sent that is not stored.
         assert stored.startswith(chunk_text(events))
+        # Once the database is back, the row tells what the client was told (the process
+        # still runs: nothing else would settle it).
+        row = wait_for_end(own_database.url, conversation_id)
+        assert row == ("failed", "storage_unavailable", stored)
     finally:
         server.stop()
+
+
+def wait_for_end(database_url: str, conversation_id: str | UUID, timeout: float = 15) -> tuple:
+    """(status, error code, response) of a conversation once it stops streaming."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT status, error_code, response FROM conversations WHERE id = %s",
+                (conversation_id,),
+            ).fetchone()
+            assert row is not None
+            if row[0] != "streaming":
+                return row
+            assert time.monotonic() < deadline, "the conversation is still streaming"
+            time.sleep(0.1)
 
 
 class Owner:
@@ -144,29 +170,103 @@ class Owner:
     def publish(self, chunk: Chunk) -> None:
         self.published.append(chunk)
 
-    def fail_storage(self) -> None:
+    def fail_storage(self, code: str) -> None:
+        self.storage_failed = True
+
+    def fence(self) -> None:
         self.storage_failed = True
 
 
-def test_a_batch_that_cannot_be_encoded_fails_alone(database_url: str) -> None:
-    # A lone surrogate cannot be sent to PostgreSQL (providers clean text, so this is a
-    # bug's path): that batch fails, and the writer goes on with the next one.
-    async def scenario() -> tuple[Owner, Owner]:
-        writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
-        writer.start()
+def run(scenario: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    """Run `scenario` on an event loop of its own, in a thread of its own."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, asyncio.wait_for(scenario, timeout)).result()
+
+
+def test_an_end_that_could_not_be_stored_is_recorded_when_the_database_returns(
+    own_database: EmbeddedPostgres,
+) -> None:
+    # The clients were told `storage_unavailable`; the row must not say anything else
+    # (before, it stayed `streaming` until some sweep marked it `interrupted`).
+    async def scenario() -> tuple[UUID, Ending | None, set[UUID], set[UUID]]:
+        writer = Writer(own_database.url, storage_timeout=0.5, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
         try:
-            conversation = await writer.create(
-                NewConversation(uuid4(), "encode me", "demo", "demo", uuid4())
-            )
-            broken, sound = Owner(), Owner()
-            assert await writer.write(Chunk(conversation.id, 1, "bad \ud800"), broken) is False
-            assert await writer.write(Chunk(conversation.id, 1, "good"), sound) is True
-            return broken, sound
+            row = await writer.create(NewConversation(uuid4(), "p", "demo", "demo", owner_id))
+            assert await writer.write(Chunk(row.id, 1, "persisted"), Owner()) is True
+            await asyncio.to_thread(own_database.stop)
+            told = await writer.finish(Ending(row.id, "completed"))
+            unsettled = writer.unsettled_ids()
+            await asyncio.to_thread(own_database.start)
+        finally:
+            await writer.close()  # retries kept ends once more, whatever came before
+        return row.id, told, unsettled, writer.unsettled_ids()
+
+    conversation_id, told, unsettled, left = run(scenario())
+    assert told is not None and (told.status, told.error_code) == ("failed", "storage_unavailable")
+    assert unsettled == {conversation_id}  # the lease's own sweep must spare it
+    assert left == set()
+    with psycopg.connect(own_database.url) as conn:
+        row = conn.execute(
+            "SELECT status, error_code, response FROM conversations WHERE id = %s",
+            (conversation_id,),
+        ).fetchone()
+    assert row == ("failed", "storage_unavailable", "persisted")
+
+
+def test_a_create_whose_commit_reply_was_lost_leaves_no_row(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    # The COMMIT reaches PostgreSQL, the reply never reaches the writer: the request gets
+    # an error, so nobody will ever know the conversation's id; its row must not stay.
+    async def scenario(proxy: TcpProxy) -> tuple[UUID, BaseException | None]:
+        writer = Writer(proxy.url, storage_timeout=5, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
+        try:
+            await writer.create(NewConversation(uuid4(), "warm up", "demo", "demo", owner_id))
+            proxy.drop_reply_to_next_commit()
+            new = NewConversation(uuid4(), "lost reply", "demo", "demo", owner_id)
+            created = writer.create(new)
+            await asyncio.wait([created])
+            deadline = time.monotonic() + 10
+            while new.id in writer.unsettled_ids() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            return new.id, created.exception()
         finally:
             await writer.close()
 
-    # In a thread of its own: its event loop must not meet another test's.
-    with ThreadPoolExecutor(1) as pool:
-        broken, sound = pool.submit(asyncio.run, asyncio.wait_for(scenario(), 30)).result()
-    assert broken.storage_failed
-    assert [chunk.text for chunk in sound.published] == ["good"]
+    with TcpProxy(database_url) as proxy:
+        conversation_id, error = run(scenario(proxy))
+        assert proxy.dropped.is_set(), "the proxy never saw the COMMIT"
+    assert isinstance(error, StorageUnavailable)  # the API answers 503
+    count = db.execute("SELECT count(*) FROM conversations WHERE id = %s", (conversation_id,))
+    assert count.fetchone() == (0,)
+
+
+def test_a_database_that_stops_answering_fails_the_batch_within_the_storage_timeout(
+    database_url: str,
+) -> None:
+    # A half-open socket: no error ever comes. The writer, which every stream of the
+    # process waits on, gives up within the storage timeout instead of hanging for ever.
+    async def scenario(proxy: TcpProxy) -> tuple[bool, float, bool]:
+        writer = Writer(proxy.url, storage_timeout=1, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
+        row = await writer.create(NewConversation(uuid4(), "p", "demo", "demo", owner_id))
+        proxy.fall_silent()
+        owner = Owner()
+        started = time.monotonic()
+        stored = await writer.write(Chunk(row.id, 1, "into the void"), owner)
+        took = time.monotonic() - started
+        async with asyncio.timeout(15):
+            await writer.close()
+        return stored, took, owner.storage_failed
+
+    with TcpProxy(database_url) as proxy:
+        stored, took, failed = run(scenario(proxy))
+    assert not stored and failed
+    # The storage timeout, then psycopg tries to cancel the query (5 s) and waits for it
+    # to end (5 s) before it closes the connection: bounded, where it used to hang.
+    assert took < 20
