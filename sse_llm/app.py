@@ -93,9 +93,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     admission = Admission(
         writer.lag, settings.overload_lag, settings.queue_timeout, metrics.waiting_streams
     )
-    lease = InstanceLease(database_url, pool, generations.ids)
+    lease = InstanceLease(
+        database_url, pool, generations.ids, generations.cancel, settings.lease_interval
+    )
     await lease.start()
-    broadcast = Broadcast(database_url, on_cancel=generations.cancel)
+    broadcast = Broadcast(
+        database_url,
+        on_cancel=generations.cancel,
+        on_connect=lease.apply_cancels,
+        check_interval=settings.lease_interval,
+    )
     broadcast.start()
     app.state.pool = pool
     app.state.provider = provider

@@ -43,6 +43,7 @@ class Settings:
     max_streams: int = 1000
     overload_lag: float = 0.1  # 0: never hold new streams
     queue_timeout: float = 30.0
+    lease_interval: float = 5.0  # how often each process checks its lock (see lease.py)
     rate_limit: str | None = None  # "60/minute": POST /stream per client
     log_format: str = "text"
 
@@ -72,6 +73,7 @@ class Settings:
             max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
             overload_lag=_read(env, "SSE_LLM_OVERLOAD_LAG", float, 0.1),
             queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 30.0),
+            lease_interval=_read(env, "SSE_LLM_LEASE_INTERVAL", float, 5.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
         )
@@ -103,6 +105,7 @@ class Settings:
             "SSE_LLM_STORAGE_TIMEOUT": self.storage_timeout,
             "SSE_LLM_MAX_STREAMS": self.max_streams,
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
+            "SSE_LLM_LEASE_INTERVAL": self.lease_interval,
         }
         for name, value in positive.items():
             if value <= 0:
