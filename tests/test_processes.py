@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import RunningServer
-from tests.processes import ServerProcess, spawn_server
+from tests.processes import BackgroundStream, ServerProcess, spawn_server, stored
 from tests.sse_client import Event, chunk_text, iter_events
 
 
@@ -22,49 +21,6 @@ def process_a(database_url: str) -> Iterator[ServerProcess]:
     server = spawn_server(database_url, DEMO_TOKENS="40", DEMO_TOKENS_PER_SECOND="20")
     yield server
     server.stop()
-
-
-class BackgroundStream:
-    """POST /stream read to the end by a thread, so the test can act meanwhile."""
-
-    def __init__(self, url: str, prompt: str) -> None:
-        self.events: list[Event] = []
-        self.conversation_id = ""
-        self._started = threading.Event()
-        self.chunks_seen = threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, args=(url, prompt), daemon=True)
-        self._thread.start()
-        assert self._started.wait(10), "the stream did not start"
-
-    def _run(self, url: str, prompt: str) -> None:
-        try:
-            with httpx.stream("POST", f"{url}/stream", json={"prompt": prompt}, timeout=60) as r:
-                self.conversation_id = r.headers["x-conversation-id"]
-                self._started.set()
-                for event in iter_events(r):
-                    self.events.append(event)
-                    if event.event == "message":
-                        self.chunks_seen.release()
-        except httpx.HTTPError:
-            pass  # the server died: keep what arrived
-
-    def wait_chunks(self, count: int) -> None:
-        for _ in range(count):
-            assert self.chunks_seen.acquire(timeout=10), "chunks stopped arriving"
-
-    def join(self) -> list[Event]:
-        self._thread.join(timeout=60)
-        return self.events
-
-
-def stored(database_url: str, conversation_id: str) -> tuple[str, str, int]:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT status, response, chunk_count FROM conversations WHERE id = %s",
-            (conversation_id,),
-        ).fetchone()
-    assert row is not None
-    return row[0], row[1], row[2]
 
 
 def wait_status(database_url: str, conversation_id: str, timeout: float = 20) -> str:
