@@ -196,3 +196,59 @@ def test_follower_survives_its_listening_connection_dropping(
     assert followed[-1].event == "done"
     assert [e.id for e in followed if e.event == "message"] == [str(n) for n in range(1, 41)]
     assert chunk_text(followed) == chunk_text(original)
+
+
+def cut_listeners(conn: psycopg.Connection, spare: int) -> int:
+    """Terminate every LISTEN connection of the database but `spare`; how many there were."""
+    cut = conn.execute(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+        " FROM pg_stat_activity"
+        " WHERE query LIKE 'LISTEN%%' AND datname = current_database() AND pid <> %s",
+        (spare,),
+    ).fetchone()
+    assert cut is not None
+    return int(cut[0])
+
+
+def test_a_cancel_sent_while_the_owners_listener_reconnects_is_not_lost(
+    demo_server: RunningServer, database_url: str
+) -> None:
+    owner = spawn_server(database_url, DEMO_TOKENS="400", DEMO_TOKENS_PER_SECOND="20")
+    try:
+        stream = BackgroundStream(owner.url, "cancel me while nobody listens")
+        stream.wait_chunks(3)
+        cancel_url = f"{demo_server.url}/conversations/{stream.conversation_id}/cancel"
+        reply = None
+        cut = 0
+        with (
+            psycopg.connect(database_url, autocommit=True) as conn,
+            psycopg.connect(database_url, autocommit=True) as other_replica,
+        ):
+            # One listener stays, as another replica's would (were none left, PostgreSQL
+            # would hand the next one to connect the notifications still queued).
+            other_replica.execute("LISTEN sse_llm_cancel")
+            # For 3 s, every other LISTEN connection (the owner's among them) is cut as
+            # soon as it is back, so they wait longer and longer to reconnect (today up
+            # to 2 s); the cancel goes out near the end: the owner does not hear it.
+            started = time.monotonic()
+            while time.monotonic() - started < 3:
+                cut += cut_listeners(conn, spare=other_replica.info.backend_pid)
+                if reply is None and time.monotonic() - started > 2.5:
+                    reply = httpx.post(cancel_url)
+                    cancelled_at = time.monotonic()
+                time.sleep(0.005)
+            heard = [n.payload for n in other_replica.notifies(timeout=1, stop_after=1)]
+        assert heard == [stream.conversation_id]  # it was sent
+        assert cut >= 2
+        assert reply is not None and reply.status_code == 202
+        events = stream.join(timeout=30)
+        took = time.monotonic() - cancelled_at
+    finally:
+        owner.stop()
+    assert events[-1].event == "error", events[-1]
+    assert events[-1].json["error"]["code"] == "cancelled"
+    assert took < 5 + 1  # within the lease interval
+    status, response, chunks = stored(database_url, stream.conversation_id)
+    assert status == "cancelled"
+    assert response == chunk_text(events)
+    assert 3 <= chunks < 400
