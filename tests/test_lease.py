@@ -1,7 +1,7 @@
-"""The instance lease keeps its lock through lost connections (issue 12, point 3).
+"""Long-lived connections survive being lost or going silent (issue 12, point 3).
 
-A real InstanceLease on a database of its own (advisory locks are per database, so no
-other test's process can take part), with a short check interval.
+A real InstanceLease or Broadcast, with a short check interval, on a database of its own
+(advisory locks are per database, so no other test's process can take part).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from sse_llm.broadcast import Broadcast
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.lease import InstanceLease
 from sse_llm.store import INSTANCE_LOCK_NAMESPACE
@@ -214,3 +215,50 @@ def test_a_lease_connection_gone_silent_is_replaced_and_the_lock_retaken(
         proxy.close()
     assert old is not None
     assert holder is not None and holder != old
+
+
+def test_a_listening_connection_gone_silent_is_replaced(own_database: str) -> None:
+    proxy = SilentProxy(own_database)
+
+    async def scenario() -> tuple[int, list[UUID]]:
+        heard: list[UUID] = []
+        connections: list[int] = []
+        reconnected, cancel_heard = asyncio.Event(), asyncio.Event()
+
+        def on_cancel(conversation_id: UUID) -> None:
+            heard.append(conversation_id)
+            cancel_heard.set()
+
+        async def on_connect() -> None:
+            connections.append(1)
+            if len(connections) == 2:
+                reconnected.set()
+
+        broadcast = Broadcast(
+            proxy.url, on_cancel=on_cancel, on_connect=on_connect, check_interval=0.2
+        )
+        broadcast.start()
+        try:
+            await asyncio.wait_for(broadcast.connected.wait(), 10)
+            proxy.silence()  # the listening connection, half-open from now on
+            await asyncio.wait_for(reconnected.wait(), 30)
+            # The new connection hears what is notified.
+            conversation_id = uuid.uuid4()
+            async with await psycopg.AsyncConnection.connect(own_database) as conn:
+                await conn.execute(
+                    "SELECT pg_notify('sse_llm_cancel', %s)", (str(conversation_id),)
+                )
+                await conn.commit()
+            await asyncio.wait_for(cancel_heard.wait(), 10)
+            return len(connections), heard
+        finally:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(15):
+                    await broadcast.close()
+
+    try:
+        connections, heard = run(scenario)
+    finally:
+        proxy.close()
+    assert connections == 2
+    assert len(heard) == 1
