@@ -398,11 +398,14 @@ async def _settle(
 ) -> list[UUID]:
     """Lock the orphaned streaming rows, then mark them `interrupted` from their chunks.
 
-    Lock, then read (see lease.py): the first statement takes the rows FOR UPDATE, so an
-    owner's chunk insert (which takes its row FOR SHARE) has either committed before or
-    will find the row settled; the second statement, a new snapshot, sees every chunk
-    committed before the lock. A row another transaction holds is skipped (next sweep).
+    The first thing in its transaction. Lock, then read (see lease.py): the first
+    statement takes the rows FOR UPDATE, so an owner's chunk insert (which takes its row
+    FOR SHARE) has either committed before or will find the row settled; the second
+    statement, a new snapshot, sees every chunk committed before the lock. A row another
+    transaction holds is skipped (the next sweep gets it).
     """
+    # Each statement its own snapshot, whatever the server's default isolation.
+    await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
     select = sql.SQL("""
         SELECT c.id FROM conversations c LEFT JOIN instances i ON i.id = c.owner_id
         WHERE c.status = 'streaming' AND {orphaned}
