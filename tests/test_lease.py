@@ -26,7 +26,7 @@ from psycopg import sql
 from sse_llm.broadcast import Broadcast
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.lease import InstanceLease
-from sse_llm.store import INSTANCE_LOCK_NAMESPACE
+from sse_llm.store import INSTANCE_LOCK_NAMESPACE, interrupt_orphaned_conversations
 from tests.conftest import free_port, with_database
 
 T = TypeVar("T")
@@ -262,3 +262,56 @@ def test_a_listening_connection_gone_silent_is_replaced(own_database: str) -> No
         proxy.close()
     assert connections == 2
     assert len(heard) == 1
+
+
+def test_settling_skips_a_row_a_chunk_insert_holds_and_then_keeps_its_chunks(
+    own_database: str,
+) -> None:
+    dead_owner = uuid.uuid4()
+    with psycopg.connect(own_database, autocommit=True) as db:
+        # A process that took its lock on this server, and whose lock is free: dead.
+        db.execute(
+            "INSERT INTO instances (id, server_started_at) VALUES (%s, pg_postmaster_start_time())",
+            (dead_owner,),
+        )
+        stream = add_stream(db, dead_owner)
+        with psycopg.connect(own_database) as writer:
+            # The writer's fenced chunk insert, as agreed: lock the row FOR SHARE if it is
+            # still ours and streaming, then insert; not committed yet.
+            locked = writer.execute(
+                "SELECT id FROM conversations"
+                " WHERE id = %s AND owner_id = %s AND status = 'streaming' FOR SHARE",
+                (stream, dead_owner),
+            ).fetchall()
+            assert locked == [(stream,)]
+            writer.execute(
+                "INSERT INTO chunks (conversation_id, seq, text) VALUES (%s, 1, 'seen')",
+                (stream,),
+            )
+
+            async def settle() -> list[UUID]:
+                pool = await open_pool(own_database)
+                try:
+                    return await interrupt_orphaned_conversations(
+                        pool, settler_id=uuid.uuid4(), quiet_server=None
+                    )
+                finally:
+                    await pool.close()
+
+            assert run(settle) == []  # the insert holds the row: the next sweep gets it
+            writer.commit()  # its clients may now be sent chunk 1
+        assert run(settle) == [stream]
+        row = db.execute(
+            "SELECT status, response, chunk_count, owner_id FROM conversations WHERE id = %s",
+            (stream,),
+        ).fetchone()
+        assert row == ("interrupted", "seen", 1, None)
+        # A later fenced insert finds nothing to lock, so inserts nothing.
+        later = db.execute(
+            "SELECT id FROM conversations"
+            " WHERE id = %s AND owner_id = %s AND status = 'streaming' FOR SHARE",
+            (stream, dead_owner),
+        ).fetchall()
+        assert later == []
+        # The dead process owns nothing any more: it is forgotten.
+        assert db.execute("SELECT count(*) FROM instances").fetchone() == (0,)
