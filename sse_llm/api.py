@@ -184,17 +184,13 @@ async def cancel(request: Request) -> Response:
     """POST /conversations/{id}/cancel: stop a running generation, in whichever process (SPEC 3)."""
     state = request.app.state
     conversation_id = parse_conversation_id(request.path_params["conversation_id"])
-    status = await store.get_status(state.pool, conversation_id)
+    # Recorded in the row, the cancel survives a lost notification (see lease.py).
+    status = await store.request_cancel(state.pool, conversation_id)
     if status is None:
         raise ApiError(404, "not_found", "No conversation has this id.")
-    if status.status != "streaming":
-        raise ApiError(
-            409, "already_ended", f"The conversation has already ended ({status.status})."
-        )
-    if state.generations.get(conversation_id) is not None:
-        state.generations.cancel(conversation_id)
-    else:
-        await store.request_cancel(state.pool, conversation_id)
+    if status != "streaming":
+        raise ApiError(409, "already_ended", f"The conversation has already ended ({status}).")
+    state.generations.cancel(conversation_id)  # at once, if it runs here
     return JSONResponse({"id": str(conversation_id), "status": "cancelling"}, status_code=202)
 
 

@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from uuid import UUID
 
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
@@ -96,11 +97,24 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     admission = Admission(
         writer.lag, settings.overload_lag, settings.queue_timeout, metrics.waiting_streams
     )
-    lease = InstanceLease(database_url, pool, generations.ids)
+
+    # What the lease's self-sweep must spare: streams running here, and those whose end
+    # the writer still holds to retry (their clients were told; the row must say so).
+    def unsettled() -> list[UUID]:
+        return [*generations.ids(), *writer.unsettled_ids()]
+
+    lease = InstanceLease(
+        database_url, pool, unsettled, generations.cancel, settings.lease_interval
+    )
     await lease.start()
     # Started once the instance id is final: the writer's chunks and ends are fenced by it.
     writer.start(lease.instance_id)
-    broadcast = Broadcast(database_url, on_cancel=generations.cancel)
+    broadcast = Broadcast(
+        database_url,
+        on_cancel=generations.cancel,
+        on_connect=lease.apply_cancels,
+        check_interval=settings.lease_interval,
+    )
     broadcast.start()
     app.state.pool = pool
     app.state.query_pool = query_pool

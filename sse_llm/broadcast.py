@@ -6,6 +6,12 @@ conversation that another process generates reads what it has not seen yet from 
 `chunks` table whenever it hears of it, and also every `poll_interval` seconds: a missed
 notification, or a listening connection that dropped and came back, delays a follower by
 at most that long and never makes it skip or repeat a chunk.
+
+The listening connection (`application_name` `sse-llm listen`) has TCP keepalives, and
+every `check_interval` seconds of quiet it re-issues a LISTEN (a no-op) under a timeout:
+a half-open socket is found and replaced within seconds instead of never. A cancel
+notified while it was away is not lost either: cancels are recorded in their rows, and
+`on_connect` (the lease's `apply_cancels`) runs each time it has connected.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import UUID
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
+from sse_llm.lease import connection_options
 from sse_llm.store import Chunk, Conversation, Outcome
 
 log = logging.getLogger(__name__)
@@ -36,10 +43,15 @@ class Broadcast:
         database_url: str,
         on_cancel: Callable[[UUID], None],
         poll_interval: float = 2.0,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        check_interval: float = 5.0,
     ) -> None:
         self._database_url = database_url
         self._on_cancel = on_cancel
+        self._on_connect = on_connect
         self.poll_interval = poll_interval
+        self._check_interval = check_interval
+        self._check_timeout = max(2 * check_interval, 5.0)
         # Keyed by the id as text, as notifications carry it: this process hears its own
         # writer's notification for every batch, and parsing ids it does not follow
         # would cost a UUID per conversation per batch.
@@ -77,27 +89,49 @@ class Broadcast:
         while True:
             try:
                 await self._listen()
-            except (psycopg.OperationalError, OSError) as exc:
-                log.warning("notification listener lost its connection: %s", exc)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                log.warning("notification listener lost its connection: %r", exc)
+            if self.connected.is_set():
+                delay = 0.1  # it was a working connection: come back quickly
             self.connected.clear()
             self._wake_everyone()  # they may have missed news while disconnected
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def _listen(self) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self._database_url, autocommit=True, connect_timeout=5
-        ) as conn:
-            await conn.execute(f"LISTEN {CHUNKS_CHANNEL}")
-            await conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+        options = connection_options(self._check_interval, "sse-llm listen")
+        async with asyncio.timeout(self._check_timeout):
+            conn = await psycopg.AsyncConnection.connect(
+                self._database_url, autocommit=True, **options
+            )
+        async with conn:
+            async with asyncio.timeout(self._check_timeout):
+                await conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                await conn.execute(f"LISTEN {CHUNKS_CHANNEL}")
             self.connected.set()
             self._wake_everyone()
-            async for notify in conn.notifies():
-                if notify.channel == CANCEL_CHANNEL:
-                    with contextlib.suppress(ValueError):
-                        self._on_cancel(UUID(notify.payload))
-                else:
-                    self._wake(notify.payload)
+            await self._connected()
+            while True:
+                async for notify in conn.notifies(timeout=self._check_interval):
+                    if notify.channel == CANCEL_CHANNEL:
+                        with contextlib.suppress(ValueError):
+                            self._on_cancel(UUID(notify.payload))
+                    else:
+                        self._wake(notify.payload)
+                # Quiet for a while: is anyone there? (Notifications that arrive
+                # meanwhile wait in psycopg's backlog for the next loop.)
+                async with asyncio.timeout(self._check_timeout):
+                    await conn.execute(f"LISTEN {CHUNKS_CHANNEL}")
+
+    async def _connected(self) -> None:
+        """Apply the cancels that may have been notified while no connection listened."""
+        if self._on_connect is None:
+            return
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                await self._on_connect()
+        except Exception as exc:  # the lease's next check looks again
+            log.warning("could not look for recorded cancels: %r", exc)
 
     def _wake(self, payload: str) -> None:
         if not self._watchers:

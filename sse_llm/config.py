@@ -45,6 +45,7 @@ class Settings:
     max_streams: int = 1000
     overload_lag: float = 0.1  # 0: never hold new streams
     queue_timeout: float = 30.0
+    lease_interval: float = 5.0  # how often each process checks its lock (see lease.py)
     rate_limit: str | None = None  # "60/minute": POST /stream per client
     # Host names accepted besides the loopback ones; ("*",) for any; None: by the bind.
     allowed_hosts: tuple[str, ...] | None = None
@@ -77,6 +78,7 @@ class Settings:
             max_streams=_read(env, "SSE_LLM_MAX_STREAMS", int, 1000),
             overload_lag=_read(env, "SSE_LLM_OVERLOAD_LAG", float, 0.1),
             queue_timeout=_read(env, "SSE_LLM_QUEUE_TIMEOUT", float, 30.0),
+            lease_interval=_read(env, "SSE_LLM_LEASE_INTERVAL", float, 5.0),
             rate_limit=env.get("SSE_LLM_RATE_LIMIT") or None,
             allowed_hosts=parse_allowed_hosts(env.get("SSE_LLM_ALLOWED_HOSTS")),
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
@@ -111,6 +113,7 @@ class Settings:
             "SSE_LLM_MAX_STREAMS": self.max_streams,
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
             "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
+            "SSE_LLM_LEASE_INTERVAL": self.lease_interval,
         }
         for name, value in positive.items():
             if value <= 0:

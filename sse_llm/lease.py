@@ -1,12 +1,64 @@
-"""This process's claim on its streams, and recovery of the streams of dead processes.
+"""This process's claim on its streams, and the settling of the streams of dead processes.
 
-Each process holds a PostgreSQL advisory lock named after its instance id for as long
-as it lives, on a connection of its own. When a process dies, even by `kill -9`, its
-connection closes and the database releases the lock at once. A conversation still
-`streaming` whose owner's lock is free therefore belongs to a dead process: it is marked
-`interrupted`, keeping every persisted chunk, at startup and then every few seconds by
-whichever process looks first. A live process's streams are never touched, so replicas
-can share one database.
+Ownership. Each process holds a PostgreSQL advisory lock named after its instance id for
+as long as it lives, on a connection of its own (`application_name` `sse-llm lease`),
+and records in `instances` the start time of the server it took it on. When a process
+dies, even by `kill -9`, its connection closes and the database frees the lock at once.
+Each of its streaming conversations (`owner_id` = its id) must then be settled: marked
+`interrupted`, keeping every persisted chunk. Every process sweeps for such streams at
+startup and every `SSE_LLM_LEASE_INTERVAL` seconds (5).
+
+Who is dead. A free lock alone does not prove its owner died: a restart of PostgreSQL
+drops every lock, and the live owners take theirs back only at their next check. So a
+sweep settles an owner whose lock is free only if
+  - its lock was taken on this very server, since it last started
+    (`instances.server_started_at = pg_postmaster_start_time()`): the session that held
+    it has ended, so the process died (or lost its lease connection: see below). This is
+    how a `kill -9` is recovered at the next sweep; or
+  - the settler has itself seen this server up for the re-lock grace (3 intervals, at
+    least 5 s) and the owner has not re-locked meanwhile. Every live owner checks its
+    lock each interval and re-takes it within one interval of the server coming back,
+    so after a restart live owners re-lock before anyone may settle them. The grace is
+    counted from when the settler first saw the server, not from its start time, so a
+    long crash recovery does not use it up; after a failover the new server's start time
+    differs from the one recorded, so the grace applies there too. (Replicas should
+    share the interval.)
+The owner's lock is taken in the settler's transaction (a transaction-level advisory
+lock), so it cannot re-lock half-way through being settled.
+
+Fencing: the rule, and why no client is told an end other than the one stored. Both
+sides write under the conversation's row lock:
+  - the owner's writer inserts a batch's chunks only for rows it can lock `FOR SHARE`
+    `WHERE owner_id = me AND status = 'streaming'`, and records an end with
+    `UPDATE ... WHERE status = 'streaming' AND owner_id = me`; a fenced owner ends its
+    clients with the outcome recorded in the row;
+  - the settler locks before it reads: in one transaction, a first statement selects the
+    orphaned rows `FOR UPDATE SKIP LOCKED` (a row another transaction holds waits for
+    the next sweep), and a second statement, a new snapshot in READ COMMITTED, sets
+    `interrupted`, `owner_id = NULL` and assembles `response` from the chunks.
+A chunk insert that locked the row before the settler has committed (the lock is held
+to the end of its transaction), so the second statement sees its chunks; one that comes
+later waits for the settler, re-checks its condition on the settled row, and inserts
+nothing, so its clients never see those chunks. The same holds for the owner's end. So
+a settling UPDATE and an owner's later chunk or end write can never both succeed, and
+the settled row holds exactly the chunks any client could have been sent. The grace is
+for liveness only: if a live owner is settled anyway (its lease connection alone was
+lost, say, or it did not re-lock in time), the fence keeps the row and its clients in
+agreement: they are all told `interrupted`.
+
+The lease itself. `holds_lock` says whether the process holds its lock. A check that
+finds the lease connection broken reconnects and re-locks under the same id; a failed
+re-lock is retried at every check. The sweep of this process's own streams that it no
+longer runs, and the settling of others, run only while it holds its lock (and a sweep
+never counts its own process as dead). Every check runs under a timeout, and the lease
+connection has TCP keepalives and `tcp_user_timeout`, so a half-open socket cannot hang
+it: a check that does not answer in time closes the connection and re-locks on a new
+one at the next check.
+
+Cancels. A cancel is recorded in its row (`cancel_requested_at`) and notified; each
+check also looks for the cancels of streams this process runs (an indexed query), as
+does the broadcast listener after it reconnects, so a missed notification delays a
+cancel by at most one interval.
 """
 
 from __future__ import annotations
@@ -14,6 +66,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
@@ -23,28 +77,58 @@ from sse_llm import store
 
 log = logging.getLogger(__name__)
 
+# A stream this young may not be registered with its generation yet: the self-sweep spares it.
+NEW_STREAM_SECONDS = 60
+
+
+def connection_options(interval: float, application_name: str) -> dict[str, Any]:
+    """libpq options for a long-lived connection: a name, and a dead peer found within seconds.
+
+    Keepalives probe an idle connection; `tcp_user_timeout` bounds how long sent data may
+    stay unacknowledged. Both are ignored on Unix sockets, where a peer cannot vanish.
+    """
+    probe = max(1, round(interval))
+    return {
+        "application_name": application_name,
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": probe,
+        "keepalives_interval": probe,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(max(3 * interval, 10) * 1000),
+    }
+
 
 class InstanceLease:
-    """Holds the instance lock and recovers orphaned streams periodically."""
+    """Holds the instance lock, settles the streams of dead processes, applies recorded cancels."""
 
     def __init__(
         self,
         database_url: str,
         pool: AsyncConnectionPool,
         running_ids: Callable[[], list[UUID]],
+        cancel: Callable[[UUID], None] = lambda _: None,
         interval: float = 5.0,
     ) -> None:
         self.instance_id = uuid4()
+        self.holds_lock = False
         self._database_url = database_url
         self._pool = pool
         self._running_ids = running_ids
+        self._cancel = cancel
         self._interval = interval
+        self._grace = max(3 * interval, 5.0)
+        self._timeout = max(2 * interval, 5.0)
         self._connection: psycopg.AsyncConnection | None = None
+        # The server this process sees, and since when (loop time): see "Who is dead".
+        self._server: datetime | None = None
+        self._server_seen_since = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Take the instance lock, recover what dead processes left, start checking."""
-        await self._lock()
+        async with asyncio.timeout(self._timeout):
+            await self._lock()
         await self._recover()
         self._task = asyncio.create_task(self._watch(), name="instance-lease")
 
@@ -54,57 +138,111 @@ class InstanceLease:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            await store.interrupt_conversations(self._pool, owner_id=self.instance_id)
+            async with asyncio.timeout(self._timeout):
+                await store.interrupt_conversations(self._pool, owner_id=self.instance_id)
+                if self._connection is not None and not self._connection.closed:
+                    await store.forget_instance(self._connection, self.instance_id)
         except Exception as exc:  # the database is away: others recover them later
             log.warning("could not mark this process's streams interrupted: %s", exc)
-        if self._connection is not None:
-            await self._connection.close()
+        await self._disconnect()
 
-    async def _lock(self) -> None:
-        while True:
-            self._connection = await psycopg.AsyncConnection.connect(
-                self._database_url, autocommit=True, connect_timeout=5
-            )
-            if await store.lock_instance(self._connection, self.instance_id):
-                return
-            # A 32-bit hash clash with a live instance: pick another id.
-            await self._connection.close()
-            self.instance_id = uuid4()
+    async def check(self) -> None:
+        """Keep the lock (re-taking it if lost), apply recorded cancels, settle orphans."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._keep_lock()
+        except Exception as exc:  # TimeoutError included: a silent connection
+            log.warning("instance lock not held, retrying at the next check: %r", exc)
+            await self._disconnect()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.apply_cancels()
+                if self.holds_lock:
+                    await self._recover()
+                    await self._settle_own()
+        except Exception as exc:
+            log.warning("lease check failed: %r", exc)
+
+    async def apply_cancels(self) -> None:
+        """Stop the streams this process runs whose cancel is recorded (its notice may be lost)."""
+        for conversation_id in await store.cancel_requested(self._pool, self.instance_id):
+            self._cancel(conversation_id)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self._keep_lock()
-                await self._recover()
-                # A stream this process owns but no longer runs (its end could not be
-                # recorded during a database outage) is settled once the database is back.
-                await store.interrupt_conversations(
-                    self._pool,
-                    owner_id=self.instance_id,
-                    except_ids=self._running_ids(),
-                    created_before_seconds=60,
-                )
-            except Exception as exc:
-                log.warning("lease check failed: %s", exc)
+            await self.check()
+
+    async def _lock(self) -> None:
+        """At startup: take a lock under a fresh id (another on a hash clash)."""
+        while not await self._relock():
+            # A 32-bit hash clash with a live instance: pick another id.
+            self.instance_id = uuid4()
 
     async def _keep_lock(self) -> None:
-        """Re-take the lock if its connection was lost (the database restarted)."""
-        assert self._connection is not None
-        try:
-            await self._connection.execute("SELECT 1")
-        except psycopg.Error:
-            await self._connection.close()
-            if not await self._relock():
-                raise RuntimeError("could not re-take the instance lock") from None
+        """A working lease connection holds the lock; a broken one is replaced and re-locked."""
+        if self._connection is not None and not self._connection.closed:
+            try:
+                self._see_server(await store.server_started_at(self._connection))
+                return
+            except psycopg.Error as exc:
+                log.warning("lost the lease connection (did the database restart?): %s", exc)
+                await self._disconnect()
+        if not await self._relock():
+            # A settler holds it for a moment (its transaction ends soon), or, very
+            # rarely, a 32-bit hash clash: the rows are ours, so keep the id and retry.
+            raise RuntimeError("the instance lock is held by another session")
+        log.info("instance lock re-taken")
 
     async def _relock(self) -> bool:
-        self._connection = await psycopg.AsyncConnection.connect(
-            self._database_url, autocommit=True, connect_timeout=5
+        connection = await psycopg.AsyncConnection.connect(
+            self._database_url,
+            autocommit=True,
+            **connection_options(self._interval, "sse-llm lease"),
         )
-        return await store.lock_instance(self._connection, self.instance_id)
+        try:
+            server = await store.lock_instance(connection, self.instance_id)
+        except BaseException:
+            await connection.close()
+            raise
+        if server is None:
+            await connection.close()
+            return False
+        self._connection = connection
+        self.holds_lock = True
+        self._see_server(server)
+        return True
+
+    async def _disconnect(self) -> None:
+        self.holds_lock = False
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    def _see_server(self, started_at: datetime) -> None:
+        if started_at != self._server:
+            self._server = started_at
+            self._server_seen_since = asyncio.get_running_loop().time()
 
     async def _recover(self) -> None:
-        recovered = await store.interrupt_conversations(self._pool)
+        """Settle the streams of dead processes (see "Who is dead")."""
+        seen_for = asyncio.get_running_loop().time() - self._server_seen_since
+        quiet_server = self._server if seen_for >= self._grace else None
+        recovered = await store.interrupt_orphaned_conversations(
+            self._pool, settler_id=self.instance_id, quiet_server=quiet_server
+        )
         if recovered:
             log.info("marked %d streams of stopped processes interrupted", len(recovered))
+
+    async def _settle_own(self) -> None:
+        """Settle the streams this process owns but no longer runs.
+
+        Their end could not be recorded during a database outage, say; `running_ids`
+        names every stream whose generation, or whose end, this process still holds.
+        """
+        await store.interrupt_conversations(
+            self._pool,
+            owner_id=self.instance_id,
+            except_ids=self._running_ids(),
+            created_before_seconds=NEW_STREAM_SECONDS,
+        )

@@ -346,62 +346,162 @@ async def read_chunks(
         return await cursor.fetchall()
 
 
-async def lock_instance(conn: AsyncConnection, instance_id: UUID) -> bool:
-    """Take this process's instance lock on `conn`, held as long as the session lives."""
+async def lock_instance(conn: AsyncConnection, instance_id: UUID) -> datetime | None:
+    """Take this process's instance lock on `conn`, held as long as the session lives.
+
+    Records the start time of the server it was taken on (see lease.py) and returns it;
+    None if another session holds the lock.
+    """
     cursor = await conn.execute(
-        "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))",
-        (INSTANCE_LOCK_NAMESPACE, instance_id),
+        """
+        INSERT INTO instances AS i (id, server_started_at)
+        SELECT %(id)s, pg_postmaster_start_time()
+        WHERE pg_try_advisory_lock(%(namespace)s, hashtext(%(id)s::text))
+        ON CONFLICT (id) DO UPDATE
+            SET server_started_at = excluded.server_started_at, locked_at = now()
+        RETURNING i.server_started_at
+        """,
+        {"id": instance_id, "namespace": INSTANCE_LOCK_NAMESPACE},
     )
     row = await cursor.fetchone()
-    return bool(row and row[0])
+    return row[0] if row else None
+
+
+async def server_started_at(conn: AsyncConnection) -> datetime:
+    """When the database server last started: it changes when PostgreSQL restarts."""
+    cursor = await conn.execute("SELECT pg_postmaster_start_time()")
+    row = await cursor.fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+async def forget_instance(conn: AsyncConnection, instance_id: UUID) -> None:
+    """Remove this process's instance record (it is stopping and owns no stream any more)."""
+    await conn.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
+
+
+# Who is dead, for the settling sweep (see lease.py): the owner's lock is free, and either
+# it was taken on this very server (so the session that held it ended), or this server has
+# been up past the re-lock grace (`quiet_server` is its start time once the settler has
+# seen it that long; NULL before). The CASE takes the owner's lock only for such owners:
+# held by the settler's transaction, it keeps a live owner from re-locking meanwhile.
+_DEAD_OWNER = sql.SQL("""
+    CASE WHEN i.server_started_at = pg_postmaster_start_time()
+              OR pg_postmaster_start_time() = %(quiet_server)s::timestamptz
+         THEN pg_try_advisory_xact_lock(%(namespace)s, hashtext({owner}::text))
+         ELSE false END
+""")
 
 
 async def interrupt_conversations(
     pool: AsyncConnectionPool,
     *,
-    owner_id: UUID | None = None,
+    owner_id: UUID,
     except_ids: Sequence[UUID] = (),
     created_before_seconds: float = 0,
 ) -> list[UUID]:
-    """Mark `interrupted` the conversations nobody is generating any more.
+    """Mark `interrupted` the conversations of `owner_id` (this process) not in `except_ids`.
 
-    Either those whose owner no longer holds its instance lock (the process died: see
-    lease.py), or those of `owner_id` not in `except_ids` (this process lost track of
-    them, or is shutting down); `created_before_seconds` spares rows so new that their
-    generation may not be registered yet. `response` is assembled from every persisted chunk.
+    At shutdown, or for streams this process owns but no longer runs;
+    `created_before_seconds` spares rows so new that their generation may not be
+    registered yet. `response` is assembled from every persisted chunk.
     """
-    if owner_id is not None:
-        orphaned = sql.SQL("""
-            c.owner_id = %(owner_id)s AND c.id <> ALL(%(except_ids)s)
-            AND c.created_at < now() - make_interval(secs => %(age)s)
-        """)
-    else:
-        # Taking the owner's lock succeeds only if no session holds it; the
-        # transaction-scoped lock is released as soon as this statement ends.
-        orphaned = sql.SQL("pg_try_advisory_xact_lock(%(namespace)s, hashtext(c.owner_id::text))")
-    query = sql.SQL("""
+    orphaned = sql.SQL("""
+        c.owner_id = %(owner_id)s AND c.id <> ALL(%(except_ids)s)
+        AND c.created_at < now() - make_interval(secs => %(age)s)
+    """)
+    params = {"owner_id": owner_id, "except_ids": list(except_ids), "age": created_before_seconds}
+    async with pool.connection() as conn, conn.transaction():
+        return await _settle(conn, orphaned, params)
+
+
+async def interrupt_orphaned_conversations(
+    pool: AsyncConnectionPool, *, settler_id: UUID, quiet_server: datetime | None
+) -> list[UUID]:
+    """Mark `interrupted` the conversations of dead processes, and forget those processes.
+
+    Dead as lease.py defines it (see _DEAD_OWNER); `settler_id` (this process) is never
+    dead to itself. Returns the ids of the conversations settled.
+    """
+    orphaned = sql.SQL("c.owner_id <> %(settler_id)s AND {dead}").format(
+        dead=_DEAD_OWNER.format(owner=sql.SQL("c.owner_id"))
+    )
+    params = {
+        "settler_id": settler_id,
+        "quiet_server": quiet_server,
+        "namespace": INSTANCE_LOCK_NAMESPACE,
+    }
+    async with pool.connection() as conn, conn.transaction():
+        settled = await _settle(conn, orphaned, params)
+        # Dead processes that own no stream any more (the ones left this time, rows
+        # another transaction had locked, go next time).
+        forget = sql.SQL("""
+            DELETE FROM instances AS i
+            WHERE i.id <> %(settler_id)s
+              AND NOT EXISTS (SELECT 1 FROM conversations c
+                              WHERE c.owner_id = i.id AND c.status = 'streaming')
+              AND {dead}
+        """).format(dead=_DEAD_OWNER.format(owner=sql.SQL("i.id")))
+        await conn.execute(forget, params)
+    return settled
+
+
+async def _settle(
+    conn: AsyncConnection, orphaned: sql.Composable, params: dict[str, Any]
+) -> list[UUID]:
+    """Lock the orphaned streaming rows, then mark them `interrupted` from their chunks.
+
+    The first thing in its transaction. Lock, then read (see lease.py): the first
+    statement takes the rows FOR UPDATE, so an owner's chunk insert (which takes its row
+    FOR SHARE) has either committed before or will find the row settled; the second
+    statement, a new snapshot, sees every chunk committed before the lock. A row another
+    transaction holds is skipped (the next sweep gets it).
+    """
+    # Each statement its own snapshot, whatever the server's default isolation.
+    await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    select = sql.SQL("""
+        SELECT c.id FROM conversations c LEFT JOIN instances i ON i.id = c.owner_id
+        WHERE c.status = 'streaming' AND {orphaned}
+        FOR UPDATE OF c SKIP LOCKED
+    """).format(orphaned=orphaned)
+    cursor = await conn.execute(select, params)
+    ids = [row[0] for row in await cursor.fetchall()]
+    if not ids:
+        return []
+    cursor = await conn.execute(
+        """
         UPDATE conversations AS c
         SET status = 'interrupted',
             completed_at = now(),
             error_code = 'interrupted',
             error_message = 'The service stopped while this answer was streaming.',
-            response = coalesce((SELECT string_agg(k.text, '' ORDER BY k.seq)
-                                 FROM chunks k WHERE k.conversation_id = c.id), ''),
-            chunk_count = (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id),
-            first_chunk_at = (SELECT min(k.created_at) FROM chunks k
-                              WHERE k.conversation_id = c.id),
+            response = coalesce(k.response, ''),
+            chunk_count = k.count,
+            first_chunk_at = k.first_at,
             owner_id = NULL
-        WHERE c.status = 'streaming' AND {orphaned}
+        FROM unnest(%(ids)s::uuid[]) AS o(id)
+        CROSS JOIN LATERAL (
+            SELECT string_agg(text, '' ORDER BY seq) AS response,
+                   count(*)::int AS count, min(created_at) AS first_at
+            FROM chunks WHERE conversation_id = o.id
+        ) AS k
+        WHERE c.id = o.id AND c.status = 'streaming'
         RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
-    """).format(orphaned=orphaned)
-    params = {
-        "owner_id": owner_id,
-        "except_ids": list(except_ids),
-        "namespace": INSTANCE_LOCK_NAMESPACE,
-        "age": created_before_seconds,
-    }
+        """,
+        {"ids": ids},
+    )
+    return [row[0] for row in await cursor.fetchall()]
+
+
+async def cancel_requested(pool: AsyncConnectionPool, owner_id: UUID) -> list[UUID]:
+    """The streams of `owner_id` whose cancel is recorded but which still stream."""
+    # The partial index on owner_id WHERE status = 'streaming' finds this process's rows.
+    query = """
+        SELECT id FROM conversations
+        WHERE owner_id = %s AND status = 'streaming' AND cancel_requested_at IS NOT NULL
+    """
     async with pool.connection() as conn:
-        cursor = await conn.execute(query, params)
+        cursor = await conn.execute(query, (owner_id,))
         return [row[0] for row in await cursor.fetchall()]
 
 
@@ -421,10 +521,30 @@ async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Outcom
         return await cursor.fetchone()
 
 
-async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> None:
-    """Ask whichever process generates this conversation to stop it."""
+async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> str | None:
+    """Record a cancel and tell whichever process generates this conversation to stop it.
+
+    Returns `streaming` if the cancel was recorded, else the status the conversation
+    ended with, or None if there is no such conversation. Recorded in the row, a cancel
+    whose notification is missed is still found by its owner (lease.py polls for it).
+    """
     async with pool.connection() as conn:
-        await conn.execute("SELECT pg_notify('sse_llm_cancel', %s)", (str(conversation_id),))
+        cursor = await conn.execute(
+            """
+            UPDATE conversations
+            SET cancel_requested_at = coalesce(cancel_requested_at, now())
+            WHERE id = %(id)s AND status = 'streaming'
+            RETURNING pg_notify('sse_llm_cancel', id::text)
+            """,
+            {"id": conversation_id},
+        )
+        if await cursor.fetchone() is not None:
+            return "streaming"
+        cursor = await conn.execute(
+            "SELECT status FROM conversations WHERE id = %(id)s", {"id": conversation_id}
+        )
+        row = await cursor.fetchone()
+        return row[0] if row else None
 
 
 async def ping_database(pool: AsyncConnectionPool) -> None:

@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 
 from tests.conftest import free_port
+from tests.sse_client import Event, iter_events
 
 
 @dataclass
@@ -74,3 +77,47 @@ def spawn_server(database_url: str, *args: str, **env: str) -> ServerProcess:
             server.stop()
             raise RuntimeError(f"sse-llm serve did not start:\n{server.log()}")
         time.sleep(0.1)
+
+
+class BackgroundStream:
+    """POST /stream read to the end by a thread, so the test can act meanwhile."""
+
+    def __init__(self, url: str, prompt: str) -> None:
+        self.events: list[Event] = []
+        self.conversation_id = ""
+        self._started = threading.Event()
+        self.chunks_seen = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._run, args=(url, prompt), daemon=True)
+        self._thread.start()
+        assert self._started.wait(10), "the stream did not start"
+
+    def _run(self, url: str, prompt: str) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/stream", json={"prompt": prompt}, timeout=60) as r:
+                self.conversation_id = r.headers["x-conversation-id"]
+                self._started.set()
+                for event in iter_events(r):
+                    self.events.append(event)
+                    if event.event == "message":
+                        self.chunks_seen.release()
+        except httpx.HTTPError:
+            pass  # the server died: keep what arrived
+
+    def wait_chunks(self, count: int, timeout: float = 10) -> None:
+        for _ in range(count):
+            assert self.chunks_seen.acquire(timeout=timeout), "chunks stopped arriving"
+
+    def join(self, timeout: float = 60) -> list[Event]:
+        self._thread.join(timeout=timeout)
+        return self.events
+
+
+def stored(database_url: str, conversation_id: str) -> tuple[str, str, int]:
+    """The status, response and chunk count recorded for a conversation."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status, response, chunk_count FROM conversations WHERE id = %s",
+            (conversation_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]

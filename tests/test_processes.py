@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import RunningServer
-from tests.processes import ServerProcess, spawn_server
+from tests.processes import BackgroundStream, ServerProcess, spawn_server, stored
 from tests.sse_client import Event, chunk_text, iter_events
 
 
@@ -22,49 +21,6 @@ def process_a(database_url: str) -> Iterator[ServerProcess]:
     server = spawn_server(database_url, DEMO_TOKENS="40", DEMO_TOKENS_PER_SECOND="20")
     yield server
     server.stop()
-
-
-class BackgroundStream:
-    """POST /stream read to the end by a thread, so the test can act meanwhile."""
-
-    def __init__(self, url: str, prompt: str) -> None:
-        self.events: list[Event] = []
-        self.conversation_id = ""
-        self._started = threading.Event()
-        self.chunks_seen = threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, args=(url, prompt), daemon=True)
-        self._thread.start()
-        assert self._started.wait(10), "the stream did not start"
-
-    def _run(self, url: str, prompt: str) -> None:
-        try:
-            with httpx.stream("POST", f"{url}/stream", json={"prompt": prompt}, timeout=60) as r:
-                self.conversation_id = r.headers["x-conversation-id"]
-                self._started.set()
-                for event in iter_events(r):
-                    self.events.append(event)
-                    if event.event == "message":
-                        self.chunks_seen.release()
-        except httpx.HTTPError:
-            pass  # the server died: keep what arrived
-
-    def wait_chunks(self, count: int) -> None:
-        for _ in range(count):
-            assert self.chunks_seen.acquire(timeout=10), "chunks stopped arriving"
-
-    def join(self) -> list[Event]:
-        self._thread.join(timeout=60)
-        return self.events
-
-
-def stored(database_url: str, conversation_id: str) -> tuple[str, str, int]:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT status, response, chunk_count FROM conversations WHERE id = %s",
-            (conversation_id,),
-        ).fetchone()
-    assert row is not None
-    return row[0], row[1], row[2]
 
 
 def wait_status(database_url: str, conversation_id: str, timeout: float = 20) -> str:
@@ -240,3 +196,59 @@ def test_follower_survives_its_listening_connection_dropping(
     assert followed[-1].event == "done"
     assert [e.id for e in followed if e.event == "message"] == [str(n) for n in range(1, 41)]
     assert chunk_text(followed) == chunk_text(original)
+
+
+def cut_listeners(conn: psycopg.Connection, spare: int) -> int:
+    """Terminate every LISTEN connection of the database but `spare`; how many there were."""
+    cut = conn.execute(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+        " FROM pg_stat_activity"
+        " WHERE query LIKE 'LISTEN%%' AND datname = current_database() AND pid <> %s",
+        (spare,),
+    ).fetchone()
+    assert cut is not None
+    return int(cut[0])
+
+
+def test_a_cancel_sent_while_the_owners_listener_reconnects_is_not_lost(
+    demo_server: RunningServer, database_url: str
+) -> None:
+    owner = spawn_server(database_url, DEMO_TOKENS="400", DEMO_TOKENS_PER_SECOND="20")
+    try:
+        stream = BackgroundStream(owner.url, "cancel me while nobody listens")
+        stream.wait_chunks(3)
+        cancel_url = f"{demo_server.url}/conversations/{stream.conversation_id}/cancel"
+        reply = None
+        cut = 0
+        with (
+            psycopg.connect(database_url, autocommit=True) as conn,
+            psycopg.connect(database_url, autocommit=True) as other_replica,
+        ):
+            # One listener stays, as another replica's would (were none left, PostgreSQL
+            # would hand the next one to connect the notifications still queued).
+            other_replica.execute("LISTEN sse_llm_cancel")
+            # For 3 s, every other LISTEN connection (the owner's among them) is cut as
+            # soon as it is back, so they wait longer and longer to reconnect (today up
+            # to 2 s); the cancel goes out near the end: the owner does not hear it.
+            started = time.monotonic()
+            while time.monotonic() - started < 3:
+                cut += cut_listeners(conn, spare=other_replica.info.backend_pid)
+                if reply is None and time.monotonic() - started > 2.5:
+                    reply = httpx.post(cancel_url)
+                    cancelled_at = time.monotonic()
+                time.sleep(0.005)
+            heard = [n.payload for n in other_replica.notifies(timeout=1, stop_after=1)]
+        assert heard == [stream.conversation_id]  # it was sent
+        assert cut >= 2
+        assert reply is not None and reply.status_code == 202
+        events = stream.join(timeout=30)
+        took = time.monotonic() - cancelled_at
+    finally:
+        owner.stop()
+    assert events[-1].event == "error", events[-1]
+    assert events[-1].json["error"]["code"] == "cancelled"
+    assert took < 5 + 1  # within the lease interval
+    status, response, chunks = stored(database_url, stream.conversation_id)
+    assert status == "cancelled"
+    assert response == chunk_text(events)
+    assert 3 <= chunks < 400
