@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
-from sse_llm.lease import connection_options
+from sse_llm.database import connection_options
 from sse_llm.store import Chunk, Conversation, Outcome
 
 log = logging.getLogger(__name__)

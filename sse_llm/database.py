@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.errors import QueryCanceled
@@ -204,3 +205,21 @@ async def open_query_pool(database_url: str, statement_timeout: float) -> QueryP
     )
     await pool.open(wait=False)
     return pool
+
+
+def connection_options(interval: float, application_name: str) -> dict[str, Any]:
+    """libpq options for a long-lived connection: a name, and a dead peer found within seconds.
+
+    Keepalives probe an idle connection; `tcp_user_timeout` bounds how long sent data may
+    stay unacknowledged. Both are ignored on Unix sockets, where a peer cannot vanish.
+    """
+    probe = max(1, round(interval))
+    return {
+        "application_name": application_name,
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": probe,
+        "keepalives_interval": probe,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(max(3 * interval, 10) * 1000),
+    }

@@ -67,36 +67,18 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
+from sse_llm.database import connection_options
 
 log = logging.getLogger(__name__)
 
 # A stream this young may not be registered with its generation yet: the self-sweep spares it.
 NEW_STREAM_SECONDS = 60
-
-
-def connection_options(interval: float, application_name: str) -> dict[str, Any]:
-    """libpq options for a long-lived connection: a name, and a dead peer found within seconds.
-
-    Keepalives probe an idle connection; `tcp_user_timeout` bounds how long sent data may
-    stay unacknowledged. Both are ignored on Unix sockets, where a peer cannot vanish.
-    """
-    probe = max(1, round(interval))
-    return {
-        "application_name": application_name,
-        "connect_timeout": 5,
-        "keepalives": 1,
-        "keepalives_idle": probe,
-        "keepalives_interval": probe,
-        "keepalives_count": 3,
-        "tcp_user_timeout": int(max(3 * interval, 10) * 1000),
-    }
 
 
 class InstanceLease:

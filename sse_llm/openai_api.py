@@ -36,6 +36,8 @@ _STATUS_OF_ERROR = {
     "upstream_error": 502,
     "upstream_unavailable": 502,
     "storage_unavailable": 503,
+    # The database refused what the answer holds: the upstream's text, so a bad gateway.
+    "storage_rejected": 502,
     "cancelled": 409,
     "interrupted": 503,
 }

@@ -43,6 +43,7 @@ from uuid import UUID
 import psycopg
 
 from sse_llm import store
+from sse_llm.database import connection_options
 from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
@@ -555,8 +556,12 @@ class Writer:
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is None or self._connection.closed:
+            # Named (pg_stat_activity) and probed like the lease's: each attempt is
+            # bounded anyway, but keepalives find a dead peer while the writer is idle.
             self._connection = await psycopg.AsyncConnection.connect(
-                self._database_url, autocommit=True, connect_timeout=5
+                self._database_url,
+                autocommit=True,
+                **connection_options(self._storage_timeout, "sse-llm writer"),
             )
         return self._connection
 
