@@ -16,6 +16,9 @@ from psycopg_pool import AsyncConnectionPool
 
 # The advisory-lock key space of instance locks (any constant unlikely to clash).
 INSTANCE_LOCK_NAMESPACE = 0x55E11
+# The key space of the fence (see lease.py): a writer's connection holds its owner's key
+# shared for as long as it lives; a settler must take it exclusively.
+FENCE_LOCK_NAMESPACE = 0x55E12
 
 STATUSES = ("streaming", "completed", "failed", "cancelled", "interrupted")
 ENDED_STATUSES = frozenset(STATUSES) - {"streaming"}
@@ -170,20 +173,23 @@ async def insert_chunks(
 ) -> list[UUID]:
     """Append a batch of chunks of conversations `owner_id` still streams; return the others.
 
-    The fence: each conversation's row is locked `FOR SHARE` only if it is still
-    `streaming` and still `owner_id`'s, and only the chunks of locked rows are inserted.
-    A process that settles another's conversation (lease.py) locks the row `FOR UPDATE`
-    first, so either these chunks go in before it assembles the response, or they wait,
-    find the row settled, and are refused: never both. The ids of refused conversations
-    come back. One statement, so one round trip and one transaction per batch however
-    many streams it holds; the notification is sent only if the rows are committed.
+    The fence: only the chunks of conversations still `streaming` and still
+    `owner_id`'s are inserted, on a connection that holds the owner's fence lock
+    (`hold_fence`): a settler (lease.py) must take that lock exclusively, so it settles
+    nothing of an owner whose writer is connected, and a writer that connects again waits
+    for the settler's commit and then sees the row settled and inserts nothing: the
+    settle and these chunks never both succeed. The ids of refused conversations come
+    back. One statement for the whole batch however many streams it holds; the
+    notification is sent only if the rows are committed.
     """
     # The rows travel as one JSON text: encoding it is one C call, where psycopg dumps
     # arrays element by element in Python (a batch of 30 cost 290 µs of CPU, now 150).
     rows = _json_rows.encode([(c.conversation_id.hex, c.seq, c.text) for c in chunks])
-    # One lock per conversation and batch; it also proves the row exists, so chunks need
-    # no foreign key (which locked the row once per chunk: migration 0005). Rows are
-    # locked in id order: a settler that locks in that order too cannot deadlock with it.
+    # No row lock: the connection's advisory lock fences it. Row locks (the foreign key's,
+    # once per chunk, or one per conversation and batch) write to the row and the WAL:
+    # at 1,000 streams they cost PostgreSQL 0.05-0.10 ms per chunk, where the insert
+    # alone costs 0.015 (benchmarks/run.py, C=1000). The lookup proves the row exists, so
+    # chunks need no foreign key (migration 0005).
     # Each row is looked up by key, whatever the planner thinks of the batch's size (it
     # takes a JSON array for 100 rows): as a join it scanned the whole table or every
     # live stream's row per batch, 600 µs for a batch of one among 1,000 streams.
@@ -197,12 +203,11 @@ async def insert_chunks(
             SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
             FROM json_array_elements(%(rows)s::json) AS r
         ), owned AS (
-            SELECT c.id FROM (SELECT DISTINCT id FROM batch ORDER BY id) AS b
+            SELECT c.id FROM (SELECT DISTINCT id FROM batch) AS b
             CROSS JOIN LATERAL (
                 SELECT c.id FROM conversations c
                 WHERE c.id = b.id AND c.owner_id = %(owner_id)s
                   AND c.status IS NOT DISTINCT FROM 'streaming'
-                FOR SHARE
             ) AS c
         ), inserted AS (
             INSERT INTO chunks (conversation_id, seq, text)
@@ -226,6 +231,18 @@ async def insert_chunks(
 # string survives json's \u escapes; should one slip through, the statement fails and
 # the writer isolates the chunk that holds it.
 _json_rows = json.JSONEncoder(ensure_ascii=False)
+
+
+async def hold_fence(conn: AsyncConnection, owner_id: UUID) -> None:
+    """Hold `owner_id`'s fence lock, shared, for as long as `conn` lives (see lease.py).
+
+    Called before the connection's first write: it waits for a settler of this owner to
+    commit, so every later statement's snapshot sees what that settler did.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_lock_shared(%s, hashtext(%s::text))",
+        (FENCE_LOCK_NAMESPACE, owner_id),
+    )
 
 
 async def finish_conversations(
@@ -412,7 +429,9 @@ async def interrupt_conversations(
     """)
     params = {"owner_id": owner_id, "except_ids": list(except_ids), "age": created_before_seconds}
     async with pool.connection() as conn, conn.transaction():
-        return await _settle(conn, orphaned, params)
+        # This process's own writer holds its fence lock; the rows settled here have no
+        # generation and no write left in the writer (see lease.py), so none is needed.
+        return await _settle(conn, orphaned, params, fence=False)
 
 
 async def interrupt_orphaned_conversations(
@@ -432,7 +451,7 @@ async def interrupt_orphaned_conversations(
         "namespace": INSTANCE_LOCK_NAMESPACE,
     }
     async with pool.connection() as conn, conn.transaction():
-        settled = await _settle(conn, orphaned, params)
+        settled = await _settle(conn, orphaned, params, fence=True)
         # Dead processes that own no stream any more (the ones left this time, rows
         # another transaction had locked, go next time).
         forget = sql.SQL("""
@@ -447,27 +466,40 @@ async def interrupt_orphaned_conversations(
 
 
 async def _settle(
-    conn: AsyncConnection, orphaned: sql.Composable, params: dict[str, Any]
+    conn: AsyncConnection, orphaned: sql.Composable, params: dict[str, Any], *, fence: bool
 ) -> list[UUID]:
-    """Lock the orphaned streaming rows, then mark them `interrupted` from their chunks.
+    """Fence the owners of the orphaned streaming rows, then mark the rows `interrupted`.
 
-    The first thing in its transaction. Lock, then read (see lease.py): the first
-    statement takes the rows FOR UPDATE, so an owner's chunk insert (which takes its row
-    FOR SHARE) has either committed before or will find the row settled; the second
-    statement, a new snapshot, sees every chunk committed before the lock. A row another
-    transaction holds is skipped (the next sweep gets it).
+    The first thing in its transaction; three statements, each its own snapshot (see
+    lease.py): find the rows and their owners; take each owner's fence lock exclusively,
+    which is granted only when no writer of that owner is connected (a live writer holds
+    it shared: its owner is not settled, this sweep or any) and keeps a reconnecting one
+    out until this commits; then settle, from a snapshot that sees every chunk the owner's
+    writer committed. Without `fence` (a process settling its own rows, whose writer holds
+    its lock) the second statement is skipped.
     """
     # Each statement its own snapshot, whatever the server's default isolation.
     await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
     select = sql.SQL("""
-        SELECT c.id FROM conversations c LEFT JOIN instances i ON i.id = c.owner_id
+        SELECT c.id, c.owner_id FROM conversations c LEFT JOIN instances i ON i.id = c.owner_id
         WHERE c.status = 'streaming' AND {orphaned}
-        FOR UPDATE OF c SKIP LOCKED
     """).format(orphaned=orphaned)
     cursor = await conn.execute(select, params)
-    ids = [row[0] for row in await cursor.fetchall()]
-    if not ids:
+    rows = await cursor.fetchall()
+    if not rows:
         return []
+    if fence:
+        cursor = await conn.execute(
+            """
+            SELECT o.id FROM unnest(%(owners)s::uuid[]) AS o(id)
+            WHERE pg_try_advisory_xact_lock(%(namespace)s, hashtext(o.id::text))
+            """,
+            {"namespace": FENCE_LOCK_NAMESPACE, "owners": list({owner for _, owner in rows})},
+        )
+        fenced = {row[0] for row in await cursor.fetchall()}
+        rows = [(row_id, owner) for row_id, owner in rows if owner in fenced]
+        if not rows:
+            return []
     cursor = await conn.execute(
         """
         UPDATE conversations AS c
@@ -479,16 +511,17 @@ async def _settle(
             chunk_count = k.count,
             first_chunk_at = k.first_at,
             owner_id = NULL
-        FROM unnest(%(ids)s::uuid[]) AS o(id)
+        FROM unnest(%(ids)s::uuid[], %(owners)s::uuid[]) AS o(id, owner_id)
         CROSS JOIN LATERAL (
             SELECT string_agg(text, '' ORDER BY seq) AS response,
                    count(*)::int AS count, min(created_at) AS first_at
             FROM chunks WHERE conversation_id = o.id
         ) AS k
-        WHERE c.id = o.id AND c.status = 'streaming'
+        -- Still the same owner's and streaming: its owner may have ended it meanwhile.
+        WHERE c.id = o.id AND c.owner_id = o.owner_id AND c.status = 'streaming'
         RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
         """,
-        {"ids": ids},
+        {"ids": [row_id for row_id, _ in rows], "owners": [owner for _, owner in rows]},
     )
     return [row[0] for row in await cursor.fetchall()]
 

@@ -386,7 +386,7 @@ class Writer:
                     stored = await self._transaction(batch, kept, unconfirmed, isolate)
             except Exception as exc:
                 if _is_conflict(exc) and loop.time() < deadline:
-                    # A deadlock (with a settler locking rows in another order, say) rolled
+                    # A deadlock (with some other transaction locking rows in another order) rolled
                     # the transaction back, and nothing else: try again at once.
                     log.warning("a batch met a conflict, retrying it: %s", exc.sqlstate)
                     continue
@@ -558,11 +558,20 @@ class Writer:
         if self._connection is None or self._connection.closed:
             # Named (pg_stat_activity) and probed like the lease's: each attempt is
             # bounded anyway, but keepalives find a dead peer while the writer is idle.
-            self._connection = await psycopg.AsyncConnection.connect(
+            connection = await psycopg.AsyncConnection.connect(
                 self._database_url,
                 autocommit=True,
                 **connection_options(self._storage_timeout, "sse-llm writer"),
             )
+            assert self._owner_id is not None, "the writer was not started"
+            try:
+                # The fence (lease.py): held for the connection's life, so no batch pays
+                # for it; taken before the first write, so every write sees a settlement.
+                await store.hold_fence(connection, self._owner_id)
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection = connection
         return self._connection
 
     async def _disconnect(self) -> None:

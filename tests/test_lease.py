@@ -26,7 +26,11 @@ from psycopg import sql
 from sse_llm.broadcast import Broadcast
 from sse_llm.database import apply_migrations, open_pool
 from sse_llm.lease import InstanceLease
-from sse_llm.store import INSTANCE_LOCK_NAMESPACE, interrupt_orphaned_conversations
+from sse_llm.store import (
+    FENCE_LOCK_NAMESPACE,
+    INSTANCE_LOCK_NAMESPACE,
+    interrupt_orphaned_conversations,
+)
 from tests.conftest import free_port, with_database
 
 T = TypeVar("T")
@@ -264,7 +268,7 @@ def test_a_listening_connection_gone_silent_is_replaced(own_database: str) -> No
     assert len(heard) == 1
 
 
-def test_settling_skips_a_row_a_chunk_insert_holds_and_then_keeps_its_chunks(
+def test_an_owner_whose_writer_is_connected_is_not_settled_and_then_keeps_its_chunks(
     own_database: str,
 ) -> None:
     dead_owner = uuid.uuid4()
@@ -275,41 +279,40 @@ def test_settling_skips_a_row_a_chunk_insert_holds_and_then_keeps_its_chunks(
             (dead_owner,),
         )
         stream = add_stream(db, dead_owner)
+
+        async def settle() -> list[UUID]:
+            pool = await open_pool(own_database)
+            try:
+                return await interrupt_orphaned_conversations(
+                    pool, settler_id=uuid.uuid4(), quiet_server=None
+                )
+            finally:
+                await pool.close()
+
         with psycopg.connect(own_database) as writer:
-            # The writer's fenced chunk insert, as agreed: lock the row FOR SHARE if it is
-            # still ours and streaming, then insert; not committed yet.
-            locked = writer.execute(
-                "SELECT id FROM conversations"
-                " WHERE id = %s AND owner_id = %s AND status = 'streaming' FOR SHARE",
-                (stream, dead_owner),
-            ).fetchall()
-            assert locked == [(stream,)]
+            # The owner's writer as the service makes it: its connection holds the fence
+            # lock shared (store.hold_fence) and writes a chunk, committed.
+            writer.execute(
+                "SELECT pg_advisory_lock_shared(%s, hashtext(%s::text))",
+                (FENCE_LOCK_NAMESPACE, dead_owner),
+            )
             writer.execute(
                 "INSERT INTO chunks (conversation_id, seq, text) VALUES (%s, 1, 'seen')",
                 (stream,),
             )
-
-            async def settle() -> list[UUID]:
-                pool = await open_pool(own_database)
-                try:
-                    return await interrupt_orphaned_conversations(
-                        pool, settler_id=uuid.uuid4(), quiet_server=None
-                    )
-                finally:
-                    await pool.close()
-
-            assert run(settle) == []  # the insert holds the row: the next sweep gets it
             writer.commit()  # its clients may now be sent chunk 1
+            # Its lease lock is free, but its writer is connected: not settled.
+            assert run(settle) == []
+        # The writer's connection is gone too: now it is settled, with every chunk.
         assert run(settle) == [stream]
         row = db.execute(
             "SELECT status, response, chunk_count, owner_id FROM conversations WHERE id = %s",
             (stream,),
         ).fetchone()
         assert row == ("interrupted", "seen", 1, None)
-        # A later fenced insert finds nothing to lock, so inserts nothing.
+        # A later fenced insert finds the row settled, so inserts nothing.
         later = db.execute(
-            "SELECT id FROM conversations"
-            " WHERE id = %s AND owner_id = %s AND status = 'streaming' FOR SHARE",
+            "SELECT id FROM conversations WHERE id = %s AND owner_id = %s AND status = 'streaming'",
             (stream, dead_owner),
         ).fetchall()
         assert later == []

@@ -21,7 +21,7 @@ import pytest
 from sse_llm.config import Settings
 from sse_llm.errors import StorageRejected
 from sse_llm.metrics import Metrics
-from sse_llm.store import Chunk, Conversation, Ending, NewConversation
+from sse_llm.store import FENCE_LOCK_NAMESPACE, Chunk, Conversation, Ending, NewConversation
 from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
@@ -280,34 +280,47 @@ def test_writes_into_a_conversation_another_process_settled_are_refused(
     assert stored_chunks(db, [rows[0].id]) == {rows[0].id: [(1, "one ")]}
 
 
-def test_a_chunk_waiting_on_a_settlers_lock_is_refused_once_it_settles(
+def test_a_connected_writer_is_never_settled_and_a_reconnecting_one_is_fenced(
     database_url: str, db: psycopg.Connection
 ) -> None:
-    # The settler locks the row first; the owner's chunk waits for that lock, and finds
-    # the row settled: the settle and the chunk cannot both succeed.
-    async def scenario() -> tuple[Conversation, Owner, bool]:
-        writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
+    # While the owner's writer is connected it holds the fence lock: no settler may settle
+    # its rows. Once the connection is lost (a restart, say) a settler may; the writer's
+    # next connection then waits for the settler's commit and finds the row settled: the
+    # settle and the chunk cannot both succeed.
+    async def scenario() -> tuple[Conversation, Owner, bool, bool]:
+        writer = Writer(database_url, storage_timeout=10, metrics=Metrics())
         owner_id = uuid4()
         writer.start(owner_id)
         try:
             row = await writer.create(new_conversation(owner_id))
             owner = Owner()
             await writer.write(Chunk(row.id, 1, "one "), owner)
+            fence = "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s::text))"
             async with await psycopg.AsyncConnection.connect(database_url) as settler:
-                await settler.execute(
-                    "SELECT id FROM conversations WHERE id = %s FOR UPDATE", (row.id,)
-                )
+                cursor = await settler.execute(fence, (FENCE_LOCK_NAMESPACE, owner_id))
+                refused_while_connected = (await cursor.fetchone()) == (False,)
+                await settler.rollback()
+                pid = writer._connection.info.backend_pid  # type: ignore[union-attr]
+                await settler.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                await settler.commit()
+                for _ in range(100):  # the lock is freed once the backend is gone
+                    cursor = await settler.execute(fence, (FENCE_LOCK_NAMESPACE, owner_id))
+                    if (await cursor.fetchone()) == (True,):
+                        break
+                    await settler.rollback()
+                    await asyncio.sleep(0.05)
                 done = writer.write(Chunk(row.id, 2, "two"), owner)
                 await asyncio.sleep(0.5)
                 waited = not done.done()
                 await settle_locked(settler, row.id)
             await done
-            return row, owner, waited
+            return row, owner, refused_while_connected, waited
         finally:
             await writer.close()
 
-    row, owner, waited = run(scenario())
-    assert waited, "the chunk did not wait for the settler's lock"
+    row, owner, refused_while_connected, waited = run(scenario())
+    assert refused_while_connected, "a settler got the fence of a connected writer"
+    assert waited, "the reconnecting writer did not wait for the settler"
     assert owner.fenced and [c.text for c in owner.published] == ["one "]
     recorded = db.execute(
         "SELECT status, response, chunk_count FROM conversations WHERE id = %s", (row.id,)
@@ -379,40 +392,3 @@ def test_a_write_after_close_fails_at_once(database_url: str) -> None:
     refused, written, owner = run(scenario())
     assert refused is not None and not written
     assert owner.failed_with == "storage_unavailable"
-
-
-def test_a_deadlock_with_a_settler_is_retried_and_fails_nothing(
-    database_url: str, db: psycopg.Connection
-) -> None:
-    # The writer locks rows in id order; a settler that does not can deadlock with it.
-    # PostgreSQL then rolls the writer's transaction back: a conflict, not an outage, so
-    # the batch is tried again at once and the new conversation in it is not failed.
-    async def scenario() -> tuple[list[Conversation], list[Owner], Conversation]:
-        writer = Writer(database_url, storage_timeout=10, metrics=Metrics())
-        owner_id = uuid4()
-        writer.start(owner_id)
-        try:
-            rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
-            rows.sort(key=lambda row: row.id)
-            owners = [Owner(), Owner()]
-            for row, owner in zip(rows, owners, strict=True):
-                done = writer.write(Chunk(row.id, 1, "one "), owner)
-            await done
-            async with await psycopg.AsyncConnection.connect(database_url) as settler:
-                lock = "SELECT id FROM conversations WHERE id = %s FOR UPDATE"
-                await settler.execute(lock, (rows[1].id,))  # the second in the writer's order
-                created = writer.create(new_conversation(owner_id))
-                for row, owner in zip(rows, owners, strict=True):
-                    done = writer.write(Chunk(row.id, 2, "two"), owner)
-                await asyncio.sleep(0.3)  # the writer holds the first row, waits for the second
-                await settler.execute(lock, (rows[0].id,))  # a deadlock: the writer loses it
-                await settle_locked(settler, rows[0].id, rows[1].id)
-            await done
-            return rows, owners, await created
-        finally:
-            await writer.close()
-
-    rows, owners, created = run(scenario())
-    assert created.status == "streaming"
-    assert all(owner.fenced and len(owner.published) == 1 for owner in owners)
-    assert stored_chunks(db, [row.id for row in rows]) == {row.id: [(1, "one ")] for row in rows}
