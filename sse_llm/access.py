@@ -45,8 +45,6 @@ DEFAULT_REVIEWER = "reviewer"
 _OPEN_PATHS = ("/healthz", "/login", "/logout")
 _OPEN_PREFIXES = ("/static/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# What a cross-site <form> (or a CORS-free fetch) can send: no preflight asks first.
-_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 # secrets.token_urlsafe(32) makes 43 characters; anything unlike it is not looked up.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -168,19 +166,15 @@ def _bearer(request: Request) -> str | None:
 def is_cross_site_change(request: Request) -> bool:
     """Whether a request changes something as a browser sends it, from another origin.
 
-    Browsers send Origin with every POST, same-site or not; a program without cookies or
-    form bodies (curl POST /stream) sends neither and is not asked for one.
+    Browsers send Origin with every cross-site POST (and Referer or a cookie with most
+    others); a program without cookies (curl POST /stream) sends none of them and is not
+    asked for one. A form's content type alone proves nothing: from a plain client it
+    gets the route's own answer (415 on the JSON routes, SPEC 6).
     """
     if request.method in _SAFE_METHODS or _has_bearer(request):
         return False
     headers = request.headers
-    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-    from_a_browser = (
-        "cookie" in headers
-        or content_type in _FORM_TYPES
-        or "origin" in headers
-        or "referer" in headers
-    )
+    from_a_browser = "cookie" in headers or "origin" in headers or "referer" in headers
     return from_a_browser and not same_origin(request)
 
 
@@ -254,11 +248,15 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     """POST /login: check the key, start a session, go back where the user was.
 
-    The form's origin was checked by AccessControl, as for every form.
+    Only the service's own sign-in page may post here (a browser always names its
+    origin): a session started from anywhere else would be a login CSRF. Programs use
+    the bearer key instead.
     """
     api_key = request.app.state.settings.api_key
     if not api_key:
         return RedirectResponse("/", status_code=303)
+    if not same_origin(request):
+        return _forbidden("Sign in from this service's own sign-in page.")
     form = await read_form(request)
     context = {"next": safe_next(form.get("next")), "reviewer": form.get("reviewer", "")}
     sessions = Sessions(api_key)

@@ -285,8 +285,7 @@ def test_an_open_service_refuses_changes_sent_from_another_site(
         {"data": {"a": "b"}, "headers": {"Origin": evil}},
         {"files": {"f": b"x"}, "headers": {"Referer": f"{evil}/page"}},
         {"headers": {"Origin": evil}},  # a body-less fetch still names its origin
-        # No origin at all, but what only a browser sends: a form body or a cookie.
-        {"data": {"a": "b"}},
+        # No origin at all, but what only a browser sends: a cookie.
         {"json": {}, "headers": {"Cookie": "sse_llm_session=x"}},
         # A look-alike of this origin.
         {"data": {"a": "b"}, "headers": {"Origin": url + ".evil.example"}},

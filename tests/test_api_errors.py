@@ -41,16 +41,16 @@ BAD_STREAM_REQUESTS = [
     pytest.param(
         b"prompt=hi",
         {"Content-Type": "application/x-www-form-urlencoded"},
-        403,  # a form without this origin is refused before its type (SPEC 8)
-        "forbidden",
+        415,  # no cookie, no Origin: a plain client, told what it sent wrong
+        "unsupported_media_type",
         None,
         id="form",
     ),
     pytest.param(
         b'{"prompt": "hi"}',
         {"Content-Type": "text/plain"},
-        403,
-        "forbidden",
+        415,
+        "unsupported_media_type",
         None,
         id="text-plain",
     ),
