@@ -68,6 +68,15 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+@pytest.fixture
+def restartable_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A migrated PostgreSQL of the test's own, so it can be stopped, started and restarted."""
+    postgres = EmbeddedPostgres(tmp_path).start()
+    apply_migrations(postgres.url)
+    yield postgres
+    postgres.stop()
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
     """A fake OpenAI-compatible server on a real socket, shared by the session."""

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 
 from sse_llm.config import Settings
-from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.database import EmbeddedPostgres
 from sse_llm.errors import StorageUnavailable
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Ending, NewConversation
@@ -29,19 +28,12 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def own_database(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own, so it can be stopped and started."""
-    postgres = EmbeddedPostgres(tmp_path).start()
-    apply_migrations(postgres.url)
-    yield postgres
-    postgres.stop()
-
-
-@pytest.fixture
-def server(own_database: EmbeddedPostgres, base_settings: Settings) -> Iterator[RunningServer]:
+def server(
+    restartable_postgres: EmbeddedPostgres, base_settings: Settings
+) -> Iterator[RunningServer]:
     running = start_server(
         base_settings.with_changes(
-            database_url=own_database.url,
+            database_url=restartable_postgres.url,
             demo_tokens=60,
             demo_tokens_per_second=20,
             storage_timeout=10,
@@ -59,10 +51,10 @@ def wait_ready(url: str, want: int, timeout: float = 20) -> None:
 
 
 def test_readyz_and_new_requests_follow_the_database(
-    own_database: EmbeddedPostgres, server: RunningServer
+    restartable_postgres: EmbeddedPostgres, server: RunningServer
 ) -> None:
     assert httpx.get(f"{server.url}/readyz").status_code == 200
-    own_database.stop()
+    restartable_postgres.stop()
     try:
         wait_ready(server.url, 503)
         response = httpx.post(f"{server.url}/stream", json={"prompt": "hello"}, timeout=15)
@@ -72,14 +64,14 @@ def test_readyz_and_new_requests_follow_the_database(
         assert history.status_code == 503
         assert "psycopg" not in history.text and "Traceback" not in history.text
     finally:
-        own_database.start()
+        restartable_postgres.start()
     wait_ready(server.url, 200)
     with httpx.stream("POST", f"{server.url}/stream", json={"prompt": "back again"}) as response:
         assert response.status_code == 200
 
 
 def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
-    own_database: EmbeddedPostgres, server: RunningServer
+    restartable_postgres: EmbeddedPostgres, server: RunningServer
 ) -> None:
     events: list[Event] = []
     with httpx.stream(
@@ -89,12 +81,12 @@ def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
         for event in iter_events(response):
             events.append(event)
             if event.id == "5":
-                own_database.stop()
+                restartable_postgres.stop()
                 time.sleep(1.5)  # chunks keep coming from the model meanwhile
-                own_database.start()
+                restartable_postgres.start()
     assert events[-1].event == "done"
     assert [e.id for e in events if e.event == "message"] == [str(n) for n in range(1, 61)]
-    with psycopg.connect(own_database.url) as conn:
+    with psycopg.connect(restartable_postgres.url) as conn:
         row = conn.execute(
             "SELECT status, response FROM conversations WHERE id = %s", (conversation_id,)
         ).fetchone()
@@ -102,11 +94,11 @@ def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
 
 
 def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_so(
-    own_database: EmbeddedPostgres, base_settings: Settings
+    restartable_postgres: EmbeddedPostgres, base_settings: Settings
 ) -> None:
     server = start_server(
         base_settings.with_changes(
-            database_url=own_database.url,
+            database_url=restartable_postgres.url,
             demo_tokens=200,
             demo_tokens_per_second=20,
             storage_timeout=1.0,
@@ -121,12 +113,12 @@ def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_
             for event in iter_events(response):
                 events.append(event)
                 if event.id == "3":
-                    own_database.stop()
-        own_database.start()
+                    restartable_postgres.stop()
+        restartable_postgres.start()
         end = events[-1]
         assert end.event == "error"
         assert end.json["error"]["code"] == "storage_unavailable"
-        with psycopg.connect(own_database.url) as conn:
+        with psycopg.connect(restartable_postgres.url) as conn:
             stored = "".join(
                 row[0]
                 for row in conn.execute(
@@ -138,7 +130,7 @@ def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_
         assert stored.startswith(chunk_text(events))
         # Once the database is back, the row tells what the client was told (the process
         # still runs: nothing else would settle it).
-        row = wait_for_end(own_database.url, conversation_id)
+        row = wait_for_end(restartable_postgres.url, conversation_id)
         assert row == ("failed", "storage_unavailable", stored)
     finally:
         server.stop()
@@ -184,21 +176,21 @@ def run(scenario: Coroutine[Any, Any, T], timeout: float = 60) -> T:
 
 
 def test_an_end_that_could_not_be_stored_is_recorded_when_the_database_returns(
-    own_database: EmbeddedPostgres,
+    restartable_postgres: EmbeddedPostgres,
 ) -> None:
     # The clients were told `storage_unavailable`; the row must not say anything else
     # (before, it stayed `streaming` until some sweep marked it `interrupted`).
     async def scenario() -> tuple[UUID, Ending | None, set[UUID], set[UUID]]:
-        writer = Writer(own_database.url, storage_timeout=0.5, metrics=Metrics())
+        writer = Writer(restartable_postgres.url, storage_timeout=0.5, metrics=Metrics())
         owner_id = uuid4()
         writer.start(owner_id)
         try:
             row = await writer.create(NewConversation(uuid4(), "p", "demo", "demo", owner_id))
             assert await writer.write(Chunk(row.id, 1, "persisted"), Owner()) is True
-            await asyncio.to_thread(own_database.stop)
+            await asyncio.to_thread(restartable_postgres.stop)
             told = await writer.finish(Ending(row.id, "completed"))
             unsettled = writer.unsettled_ids()
-            await asyncio.to_thread(own_database.start)
+            await asyncio.to_thread(restartable_postgres.start)
         finally:
             await writer.close()  # retries kept ends once more, whatever came before
         return row.id, told, unsettled, writer.unsettled_ids()
@@ -207,7 +199,7 @@ def test_an_end_that_could_not_be_stored_is_recorded_when_the_database_returns(
     assert told is not None and (told.status, told.error_code) == ("failed", "storage_unavailable")
     assert unsettled == {conversation_id}  # the lease's own sweep must spare it
     assert left == set()
-    with psycopg.connect(own_database.url) as conn:
+    with psycopg.connect(restartable_postgres.url) as conn:
         row = conn.execute(
             "SELECT status, error_code, response FROM conversations WHERE id = %s",
             (conversation_id,),

@@ -9,12 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from sse_llm.database import EmbeddedPostgres, apply_migrations
+from sse_llm.database import EmbeddedPostgres
 from tests.processes import BackgroundStream, ServerProcess, spawn_server, stored
 from tests.sse_client import Event, chunk_text, iter_events
 
@@ -23,16 +22,9 @@ TOKENS = 240  # 12 s at 20 per second: longer than two restarts and many lease i
 
 
 @pytest.fixture
-def own_database(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own, so it can be restarted."""
-    postgres = EmbeddedPostgres(tmp_path).start()
-    apply_migrations(postgres.url)
-    yield postgres
-    postgres.stop()
-
-
-@pytest.fixture
-def replicas(own_database: EmbeddedPostgres) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def replicas(
+    restartable_postgres: EmbeddedPostgres,
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two `sse-llm serve` processes on that database, checking their lease twice a second."""
     servers: list[ServerProcess] = []
     try:
@@ -42,7 +34,7 @@ def replicas(own_database: EmbeddedPostgres) -> Iterator[tuple[ServerProcess, Se
             time.sleep(2 * n)
             servers.append(
                 spawn_server(
-                    own_database.url,
+                    restartable_postgres.url,
                     DEMO_TOKENS=str(TOKENS),
                     DEMO_TOKENS_PER_SECOND="20",
                     SSE_LLM_LEASE_INTERVAL="0.5",
@@ -100,7 +92,7 @@ def follow(url: str, conversation_id: str, after: int) -> list[Event]:
 
 
 def test_a_database_restart_never_interrupts_a_live_replicas_streams(
-    own_database: EmbeddedPostgres, replicas: tuple[ServerProcess, ServerProcess]
+    restartable_postgres: EmbeddedPostgres, replicas: tuple[ServerProcess, ServerProcess]
 ) -> None:
     a, b = replicas
     streams = [
@@ -112,10 +104,10 @@ def test_a_database_restart_never_interrupts_a_live_replicas_streams(
     try:
         for stream in streams:
             stream.wait_chunks(10)
-        restart(own_database)
+        restart(restartable_postgres)
         for stream in streams:
             stream.wait_chunks(20)  # the writers are through the outage
-        restart(own_database)
+        restart(restartable_postgres)
         for stream in streams:
             stream.wait_chunks(20)
         # A stream owned by A, resumed through B (after the restarts, past many lease checks).
@@ -131,7 +123,7 @@ def test_a_database_restart_never_interrupts_a_live_replicas_streams(
         assert [e.id for e in events if e.event == "message"] == [
             str(n) for n in range(1, TOKENS + 1)
         ]
-        assert stored(own_database.url, stream.conversation_id) == (
+        assert stored(restartable_postgres.url, stream.conversation_id) == (
             "completed",
             chunk_text(events),
             TOKENS,
