@@ -34,8 +34,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sse_llm import store
+from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import render
 from sse_llm.errors import handle_database_error
+from sse_llm.service import service_of
 from sse_llm.store import Session
 
 COOKIE_NAME = "sse_llm_session"
@@ -50,12 +52,14 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _unauthorized(message: str) -> JSONResponse:
-    body = {"error": {"code": "unauthorized", "message": message}}
+    body = {"error": {"code": ErrorCode.UNAUTHORIZED, "message": message}}
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _forbidden(message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": "forbidden", "message": message}}, status_code=403)
+    return JSONResponse(
+        {"error": {"code": ErrorCode.FORBIDDEN, "message": message}}, status_code=403
+    )
 
 
 class Sessions:
@@ -131,7 +135,7 @@ class AccessControl:
         if token is not None:
             try:
                 # Read at request time: the pool is built in the lifespan.
-                session = await self.sessions.find(request.app.state.pool, token)
+                session = await self.sessions.find(service_of(request).pool, token)
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 await (await handle_database_error(request, exc))(scope, receive, send)
                 return
@@ -239,7 +243,7 @@ def session_cookie(response: Response, request: Request, token: str) -> None:
 
 async def login_page(request: Request) -> Response:
     """GET /login: the sign-in form (or home, when the service has no key)."""
-    if not request.app.state.settings.api_key:
+    if not service_of(request).settings.api_key:
         return RedirectResponse("/", status_code=303)
     context = {"next": safe_next(request.query_params.get("next")), "error": None}
     return render(request, "login.html", context)
@@ -252,7 +256,7 @@ async def login(request: Request) -> Response:
     origin): a session started from anywhere else would be a login CSRF. Programs use
     the bearer key instead.
     """
-    api_key = request.app.state.settings.api_key
+    api_key = service_of(request).settings.api_key
     if not api_key:
         return RedirectResponse("/", status_code=303)
     if not same_origin(request):
@@ -268,7 +272,7 @@ async def login(request: Request) -> Response:
     except ValueError as exc:
         context["error"] = str(exc)
         return render(request, "login.html", context, status_code=422)
-    token = await sessions.start(request.app.state.pool, reviewer or DEFAULT_REVIEWER)
+    token = await sessions.start(service_of(request).pool, reviewer or DEFAULT_REVIEWER)
     response = RedirectResponse(context["next"], status_code=303)
     session_cookie(response, request, token)
     return response
@@ -276,10 +280,10 @@ async def login(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     """POST /logout: end the session on every replica, and forget its cookie."""
-    api_key = request.app.state.settings.api_key
+    api_key = service_of(request).settings.api_key
     token = request.cookies.get(COOKIE_NAME)
     if api_key and token:
-        await Sessions(api_key).end(request.app.state.pool, token)
+        await Sessions(api_key).end(service_of(request).pool, token)
     response = RedirectResponse("/login" if api_key else "/", status_code=303)
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
     return response

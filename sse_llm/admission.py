@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 
+from sse_llm.contract import ErrorCode
 from sse_llm.errors import ApiError
 
 TICK_SECONDS = 0.02
@@ -68,7 +69,7 @@ class Admission:
             await future
         except TimeoutError:
             message = "The service is overloaded: the stream could not start in time."
-            raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
+            raise ApiError(503, ErrorCode.OVERLOADED, message, {"Retry-After": "1"}) from None
         except BaseException:
             # Cancelled (the request went away): if admitted in the same loop iteration,
             # nobody else will give the slot back.

@@ -20,17 +20,19 @@ from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
 from sse_llm.config import ConfigError, Settings, parse_rate
+from sse_llm.dashboard import create_templates
 from sse_llm.database import apply_migrations, open_pool, open_query_pool
 from sse_llm.errors import EXCEPTION_HANDLERS
 from sse_llm.generation import Generations
 from sse_llm.hosts import HostAllowList, HostPolicy, warn_if_any_host
 from sse_llm.lease import InstanceLease
 from sse_llm.limits import RateLimiter
-from sse_llm.metrics import Metrics, metrics_endpoint
+from sse_llm.metrics import Metrics
 from sse_llm.openapi import openapi_endpoint
 from sse_llm.providers import create_provider
 from sse_llm.request_log import RequestLog
 from sse_llm.resources import resource_dir
+from sse_llm.service import Base, Lifecycle, Service
 from sse_llm.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             *dashboard.routes,
             *access.routes,
             *openai_api.routes,
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
         ],
@@ -60,17 +61,17 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             Middleware(HostAllowList, policy=HostPolicy.from_settings(settings)),
             Middleware(AccessControl, api_key=settings.api_key),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.rate_limiter = (
-        RateLimiter(*parse_rate(settings.rate_limit)) if settings.rate_limit else None
+    app.state.base = Base(
+        settings=settings,
+        metrics=metrics,
+        rate_limiter=RateLimiter(*parse_rate(settings.rate_limit)) if settings.rate_limit else None,
+        templates=create_templates(),
+        lifecycle=Lifecycle(),
+        migrate=migrate,
     )
-    app.state.migrate = migrate
-    app.state.shutting_down = False
-    app.state.exit_requested = False  # set by tests that stop a server without a signal
     return app
 
 
@@ -82,16 +83,17 @@ def create_app_from_environment() -> Starlette:
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """Build the pools, provider, writer, generations, lease and broadcast; tear down in reverse."""
-    settings: Settings = app.state.settings
+    base: Base = app.state.base
+    settings = base.settings
     database_url = settings.database_url
-    assert database_url is not None
-    if app.state.migrate:
+    assert database_url is not None  # checked by create_app
+    if base.migrate:
         await asyncio.to_thread(apply_migrations, database_url)
     pool = await open_pool(database_url)
     # The history's lists, searches and counts, apart: they never queue before a resume.
     query_pool = await open_query_pool(database_url, settings.query_timeout)
     provider = create_provider(settings)
-    metrics = app.state.metrics
+    metrics = base.metrics
     writer = Writer(database_url, settings.storage_timeout, metrics)
     generations = Generations(provider, writer, pool, settings, metrics)
     admission = Admission(
@@ -116,15 +118,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_interval=settings.lease_interval,
     )
     broadcast.start()
-    app.state.pool = pool
-    app.state.query_pool = query_pool
-    app.state.provider = provider
-    app.state.generations = generations
-    app.state.admission = admission
-    app.state.writer = writer
-    app.state.lease = lease
-    app.state.broadcast = broadcast
-    drain = asyncio.create_task(_drain_on_exit(app), name="drain-on-exit")
+    service = Service(
+        **vars(base),
+        pool=pool,
+        query_pool=query_pool,
+        provider=provider,
+        writer=writer,
+        generations=generations,
+        admission=admission,
+        lease=lease,
+        broadcast=broadcast,
+    )
+    app.state.service = service
+    drain = asyncio.create_task(_drain_on_exit(service), name="drain-on-exit")
     if not settings.api_key:
         log.warning("SSE_LLM_API_KEY is not set: anyone who can reach this service can use it")
     warn_if_any_host(settings)
@@ -136,11 +142,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if app.state.shutting_down:
+        if base.lifecycle.shutting_down:
             await drain  # started at the signal; it ends within the grace period
         else:
             drain.cancel()  # stopped without a signal (tests, embedding apps)
-            app.state.shutting_down = True
+            base.lifecycle.shutting_down = True
             await generations.shutdown(settings.shutdown_grace)
         await writer.close()
         await lease.release()
@@ -150,7 +156,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.close()
 
 
-async def _drain_on_exit(app: Starlette) -> None:
+async def _drain_on_exit(service: Service) -> None:
     """On SIGTERM/SIGINT: refuse new streams, let running ones finish, interrupt the rest.
 
     uvicorn runs the lifespan shutdown only once every connection has closed; open SSE
@@ -158,7 +164,8 @@ async def _drain_on_exit(app: Starlette) -> None:
     """
     # uvicorn offers no shutdown hook before connections drain; sse-starlette's patch of
     # its exit handler sets AppStatus.should_exit, so a cheap poll is the simplest signal.
-    while not (AppStatus.should_exit or app.state.exit_requested):  # noqa: ASYNC110
+    lifecycle = service.lifecycle
+    while not (AppStatus.should_exit or lifecycle.exit_requested):  # noqa: ASYNC110
         await asyncio.sleep(0.2)
-    app.state.shutting_down = True
-    await app.state.generations.shutdown(app.state.settings.shutdown_grace)
+    lifecycle.shutting_down = True
+    await service.generations.shutdown(service.settings.shutdown_grace)

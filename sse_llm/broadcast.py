@@ -26,13 +26,11 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
+from sse_llm.contract import CANCEL_CHANNEL, CHUNKS_CHANNEL, ErrorCode, Status
 from sse_llm.database import connection_options
 from sse_llm.store import Chunk, Conversation, Outcome
 
 log = logging.getLogger(__name__)
-
-CHUNKS_CHANNEL = "sse_llm_chunks"
-CANCEL_CHANNEL = "sse_llm_cancel"
 
 
 class Broadcast:
@@ -171,7 +169,7 @@ async def follow_remote(
             if chunks:
                 last = chunks[-1].seq
             outcome = None
-            if conversation is None or conversation.status != "streaming":
+            if conversation is None or conversation.status != Status.STREAMING:
                 outcome = outcome_of(conversation, last)
             now = loop.time()
             if chunks or outcome or 0 < ping_interval <= now - last_update:
@@ -189,7 +187,8 @@ async def follow_remote(
 def outcome_of(conversation: Conversation | Outcome | None, chunks: int) -> Outcome:
     """How a conversation that has ended ended, as its row records it."""
     if conversation is None:
-        return Outcome("failed", chunks, "not_found", "The conversation was deleted.")
+        message = "The conversation was deleted."
+        return Outcome(Status.FAILED, chunks, ErrorCode.NOT_FOUND, message)
     return Outcome(
         conversation.status,
         conversation.chunks,

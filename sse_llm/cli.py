@@ -12,6 +12,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -73,7 +74,7 @@ def serve(settings: Settings, workers: int) -> None:
     from sse_llm.app import create_app
 
     apply_migrations(settings.database_url or "")  # once, before any worker starts
-    options = {
+    options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         # Ends streams still open once the shutdown grace is over (the app marks them).

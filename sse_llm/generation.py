@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
 from sse_llm.config import Settings
+from sse_llm.contract import INTERRUPTED_MESSAGE, ErrorCode, Status, StopReason
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.providers.base import ModelRequest
@@ -125,7 +126,7 @@ class Generation:
         self.id: UUID = conversation.id
         self.persisted = 0  # highest seq persisted and published
         self.storage_failed = False  # no more of its chunks may be stored
-        self._storage_code: str | None = None  # why, when the writer failed them
+        self._storage_code: StopReason | None = None  # why, when the writer failed them
         self._fenced = False  # another process settled the conversation
         self.outcome: Outcome | None = None
         self._provider = provider
@@ -133,7 +134,7 @@ class Generation:
         self._pool = pool
         self._settings = settings
         self._subscribers: set[Subscriber] = set()
-        self._stop_reason: str | None = None  # why stop() was called, once it was
+        self._stop_reason: StopReason | None = None  # why stop() was called, once it was
         self._generating = False  # reading the provider: the only phase stop() may cancel
         self._last_write: asyncio.Future[bool] | None = None
         self._first_chunk_after: float | None = None
@@ -165,7 +166,7 @@ class Generation:
         for subscriber in self._subscribers:
             subscriber.deliver(chunk)
 
-    def fail_storage(self, code: str) -> None:
+    def fail_storage(self, code: StopReason) -> None:
         """Called by the writer when the database could not take this generation's chunks
         (`storage_unavailable` or `storage_rejected`); the writer records that end."""
         self.storage_failed = True
@@ -177,9 +178,9 @@ class Generation:
         settled it): stop, and tell the clients what its row says."""
         self.storage_failed = True
         self._fenced = True
-        self.stop("fenced")
+        self.stop(StopReason.FENCED)
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         """Stop generating: `cancelled` (asked by a user), `interrupted` (shutdown),
         `timeout` (the watchdog), `storage_unavailable`, `storage_rejected` or `fenced`."""
         # Only the provider loop is cancelled: once it is over, the last chunks and the end
@@ -189,6 +190,11 @@ class Generation:
         self._stop_reason = reason
         if self._generating and self.task is not None:
             self.task.cancel()
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why stop() was called, once it was."""
+        return self._stop_reason
 
     async def run(self) -> None:
         """Generate, wait for the last chunk to be persisted, record the end, tell everyone."""
@@ -213,7 +219,7 @@ class Generation:
             return await self._recorded_outcome()
         if self.storage_failed:  # the writer records this end itself, when it can
             return self._with_persisted_count(
-                self._stopped_outcome(self._storage_code or "storage_unavailable")
+                self._stopped_outcome(self._storage_code or StopReason.STORAGE_UNAVAILABLE)
             )
         ending = Ending(self.id, produced.status, produced.error_code, produced.error_message)
         recorded = await self._writer.finish(ending)
@@ -230,10 +236,10 @@ class Generation:
         except Exception as exc:  # the database went away again
             log.warning("could not read how conversation %s ended: %s", self.id, exc)
             recorded = None
-        if recorded is None or recorded.status == "streaming":
+        if recorded is None or recorded.status == Status.STREAMING:
             # Only a process that takes this one for dead settles its conversations, and
             # it marks them interrupted.
-            recorded = self._stopped_outcome("interrupted")
+            recorded = self._stopped_outcome(StopReason.INTERRUPTED)
         # Its clients got the chunks persisted and published; a settler assembled the
         # same ones (the fence refused any later), so the counts agree.
         return self._with_persisted_count(recorded)
@@ -288,21 +294,24 @@ class Generation:
                         self._metrics.time_to_first_chunk.observe(self._first_chunk_after)
                     self._last_write = self._writer.write(Chunk(self.id, seq, text, now), self)
         except ProviderError as exc:
-            return Outcome("failed", seq, exc.code, exc.message)
+            return Outcome(Status.FAILED, seq, exc.code, exc.message)
         except Exception:
             log.exception("generation %s failed unexpectedly", self.id)
             message = "The generation failed unexpectedly; see the service log."
-            return Outcome("failed", seq, "internal_error", message)
+            return Outcome(Status.FAILED, seq, ErrorCode.INTERNAL_ERROR, message)
         except asyncio.CancelledError:
-            if self._stop_reason is None:
+            reason = self.stop_reason  # set by stop() while the provider was read
+            if reason is None:
                 raise  # not ours: the event loop is going away
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            if self._stop_reason == "timeout":
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine that was cancelled runs in a task
+            task.uncancel()
+            if reason == StopReason.TIMEOUT:
                 return self._timeout_outcome(seq, loop.time() >= total_deadline)
-            return self._stopped_outcome(self._stop_reason)
+            return self._stopped_outcome(reason)
         finally:
             self._generating = False
-        return Outcome("completed", seq)
+        return Outcome(Status.COMPLETED, seq)
 
     def _model_request(self) -> ModelRequest:
         conversation = self.conversation
@@ -322,20 +331,20 @@ class Generation:
         else:
             limit = self._settings.chunk_timeout
             message = f"The model went silent for LLM_CHUNK_TIMEOUT ({limit:g} s)."
-        return Outcome("failed", seq, "upstream_timeout", message)
+        return Outcome(Status.FAILED, seq, ErrorCode.UPSTREAM_TIMEOUT, message)
 
-    def _stopped_outcome(self, reason: str) -> Outcome:
+    def _stopped_outcome(self, reason: StopReason) -> Outcome:
         # `chunks` is filled in by run() from what was actually persisted.
-        if reason == "cancelled":
-            return Outcome("cancelled", 0, "cancelled", "The generation was cancelled.")
-        if reason == "storage_rejected":
+        if reason == StopReason.CANCELLED:
+            message = "The generation was cancelled."
+            return Outcome(Status.CANCELLED, 0, ErrorCode.CANCELLED, message)
+        if reason == StopReason.STORAGE_REJECTED:
             ending = rejected_end(self.id)
-            return Outcome("failed", 0, ending.error_code, ending.error_message)
-        if reason == "storage_unavailable":
+            return Outcome(ending.status, 0, ending.error_code, ending.error_message)
+        if reason == StopReason.STORAGE_UNAVAILABLE:
             ending = unavailable_end(self.id)
-            return Outcome("failed", 0, ending.error_code, ending.error_message)
-        message = "The service stopped while this answer was streaming."
-        return Outcome("interrupted", 0, "interrupted", message)
+            return Outcome(ending.status, 0, ending.error_code, ending.error_message)
+        return Outcome(Status.INTERRUPTED, 0, ErrorCode.INTERRUPTED, INTERRUPTED_MESSAGE)
 
 
 class Generations:
@@ -403,7 +412,7 @@ class Generations:
             request_id,
         )
         if self._closing:
-            generation.stop("interrupted")
+            generation.stop(StopReason.INTERRUPTED)
         elif self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name="watchdog")
         generation.task = asyncio.create_task(
@@ -426,7 +435,7 @@ class Generations:
         """Cancel a generation if this process runs it (else nothing to do here)."""
         generation = self._running.get(conversation_id)
         if generation is not None:
-            generation.stop("cancelled")
+            generation.stop(StopReason.CANCELLED)
 
     async def _watch(self) -> None:
         """Stop every generation whose model has been silent past its deadline, and poke
@@ -448,7 +457,7 @@ class Generations:
             now = loop.time()
             for generation in list(self._running.values()):
                 if now >= generation.deadline:
-                    generation.stop("timeout")
+                    generation.stop(StopReason.TIMEOUT)
                 if ping_interval > 0:
                     generation.ping_idle_subscribers(now - ping_interval)
 
@@ -468,7 +477,7 @@ class Generations:
                     async with asyncio.timeout(grace):
                         await self._idle.wait()
             for generation in list(self._running.values()):
-                generation.stop("interrupted")
+                generation.stop(StopReason.INTERRUPTED)
             await self._idle.wait()
         if self._watchdog is not None:
             self._watchdog.cancel()

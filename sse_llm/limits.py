@@ -7,6 +7,8 @@ import time
 
 from starlette.requests import Request
 
+from sse_llm.store import Session
+
 
 class RateLimiter:
     """A token bucket per client, in this process's memory.
@@ -51,7 +53,7 @@ def client_key(request: Request) -> str:
     named in FORWARDED_ALLOW_IPS. An IPv6 client usually has a whole /64 to pick
     addresses from, so that network is one client.
     """
-    session = getattr(request.state, "session", None)
+    session: Session | None = getattr(request.state, "session", None)
     if session is not None:
         return "session:" + session.token_hash.hex()[:32]
     host = request.client.host if request.client else "unknown"

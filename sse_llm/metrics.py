@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -21,8 +20,6 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 from psycopg_pool import AsyncConnectionPool
-from starlette.requests import Request
-from starlette.responses import Response
 
 from sse_llm.store import Chunk
 
@@ -127,17 +124,6 @@ class Metrics:
             self.pool_connections.labels(name, "waiting").set(stats.get("requests_waiting", 0))
         if multiprocess():
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
             return generate_latest(registry)
         return generate_latest(self.registry)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    """GET /metrics."""
-    state = request.app.state
-    pools = {
-        "streaming": getattr(state, "pool", None),
-        "queries": getattr(state, "query_pool", None),
-    }
-    body = state.metrics.render(pools)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -8,38 +8,38 @@ sent, listed in the history, cancellable and resumable through /conversations/{i
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sse_llm.api import closing, read_json_object, sse_response, start_generation
+from sse_llm.contract import MAX_MODEL_CHARS, ErrorCode, Status
 from sse_llm.errors import ApiError
 from sse_llm.events import line_safe, ping_comment
 from sse_llm.generation import Subscriber
 from sse_llm.providers.base import last_user_text, message_text
-from sse_llm.request_body import InvalidField
+from sse_llm.request_body import InvalidField, read_json_object
+from sse_llm.service import service_of
 from sse_llm.store import Chunk, Conversation, Outcome
+from sse_llm.streaming import closing, sse_response, start_generation
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Sampling parameters passed through to the provider, with their checks.
 PASSED_THROUGH = ("temperature", "top_p", "max_tokens", "stop", "user")
 # Accepted for compatibility; they change nothing here.
 HARMLESS = frozenset({"stream", "stream_options", "model", "messages", "n"})
-# The model is stored with each conversation and filtered on: a bounded, indexable name.
-MAX_MODEL_CHARS = 200
 # How an ended generation maps to an HTTP status for a non-streaming call.
-_STATUS_OF_ERROR = {
-    "upstream_timeout": 504,
-    "upstream_error": 502,
-    "upstream_unavailable": 502,
-    "storage_unavailable": 503,
+_STATUS_OF_ERROR: dict[str, int] = {
+    ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.UPSTREAM_UNAVAILABLE: 502,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
     # The database refused what the answer holds: the upstream's text, so a bad gateway.
-    "storage_rejected": 502,
-    "cancelled": 409,
-    "interrupted": 503,
+    ErrorCode.STORAGE_REJECTED: 502,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.INTERRUPTED: 503,
 }
 
 # One encoder for all events: json.dumps with options builds a new one per call.
@@ -69,8 +69,8 @@ class OpenAIError(Exception):
 
 
 def openai_errors(
-    handler: Callable[[Request], Any],
-) -> Callable[[Request], Any]:
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
     """Render every error of a /v1 route the way OpenAI clients expect."""
 
     async def handle(request: Request) -> Response:
@@ -95,8 +95,8 @@ def openai_errors(
 
 async def models(request: Request) -> Response:
     """GET /v1/models: the configured model."""
-    model = request.app.state.provider.model
-    owner = request.app.state.provider.name
+    provider = service_of(request).provider
+    model, owner = provider.model, provider.name
     return JSONResponse(
         {
             "object": "list",
@@ -108,7 +108,7 @@ async def models(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions, streamed (`"stream": true`) or not."""
     body = await read_json_object(request)
-    call = parse_call(body, request.app.state.settings.max_prompt_chars)
+    call = parse_call(body, service_of(request).settings.max_prompt_chars)
     conversation, generation, subscriber = await start_generation(
         request,
         call.prompt,
@@ -305,7 +305,7 @@ def completion_response(
     headers: dict[str, str],
 ) -> Response:
     """A `chat.completion` object, or the error that ended the generation."""
-    if outcome.status != "completed":
+    if outcome.status != Status.COMPLETED:
         raise_outcome(outcome, headers)
     body = {
         "id": completion_id(conversation),
@@ -326,7 +326,7 @@ def completion_response(
 
 def raise_outcome(outcome: Outcome, headers: dict[str, str]) -> None:
     """Raise the OpenAI error of a generation that did not complete."""
-    code = outcome.error_code or "error"
+    code = outcome.error_code or ErrorCode.ERROR
     raise OpenAIError(
         _STATUS_OF_ERROR.get(code, 500),
         outcome.error_message or "The generation failed.",
@@ -373,7 +373,7 @@ class CompletionStream:
             yield data or ping_comment()  # nothing new: the stream was idle
 
     def ending(self, outcome: Outcome) -> bytes:
-        if outcome.status != "completed":
+        if outcome.status != Status.COMPLETED:
             # How OpenAI reports an error in the middle of a stream; there is no [DONE].
             error = {
                 "message": outcome.error_message,

@@ -9,7 +9,18 @@ from starlette.responses import JSONResponse, Response
 
 from sse_llm import __version__
 from sse_llm.config import Settings
-from sse_llm.store import STATUSES
+from sse_llm.contract import (
+    MAX_BODY_BYTES,
+    MAX_CHUNK_ID,
+    MAX_MODEL_CHARS,
+    MAX_OFFSET,
+    MAX_QUERY_CHARS,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    ErrorCode,
+    Status,
+)
+from sse_llm.service import service_of
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -127,7 +138,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     "200": _EVENT_STREAM,
                     "400": _error("The body is not valid JSON."),
                     "401": _error("The API key is missing or wrong."),
-                    "413": _error("The body is over 1 MiB."),
+                    "413": _error(f"The body is over {MAX_BODY_BYTES // 2**20} MiB."),
                     "415": _error("The body is not application/json."),
                     "422": _error("The prompt is missing, not text, blank or too long."),
                     "429": _error("Too many streams started; see Retry-After."),
@@ -149,7 +160,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     {
                         "name": "last_event_id",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_CHUNK_ID},
                     },
                 ],
                 "responses": {
@@ -182,23 +193,32 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_SIZE_MAX,
+                            "default": PAGE_SIZE_DEFAULT,
+                        },
                     },
                     {
                         "name": "offset",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000000000},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                     },
                     {
                         "name": "q",
                         "in": "query",
-                        "schema": {"type": "string", "maxLength": 1000, "pattern": _NO_NUL},
+                        "schema": {
+                            "type": "string",
+                            "maxLength": MAX_QUERY_CHARS,
+                            "pattern": _NO_NUL,
+                        },
                         "description": 'Web search syntax: words, "phrases", -excluded, or.',
                     },
                     {
                         "name": "status",
                         "in": "query",
-                        "schema": {"enum": [*STATUSES, ""]},
+                        "schema": {"enum": [*Status, ""]},
                         "description": "Only this status; empty means any.",
                     },
                 ],
@@ -250,7 +270,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "The request is invalid or asks for something unsupported."
                     ),
                     "401": _error("The API key is missing or wrong."),
-                    "413": _openai_error("The body is over 1 MiB."),
+                    "413": _openai_error(f"The body is over {MAX_BODY_BYTES // 2**20} MiB."),
                     "415": _openai_error("The body is not application/json."),
                     "429": _openai_error("Too many streams started; see Retry-After."),
                     "502": _openai_error("The model server failed."),
@@ -357,7 +377,14 @@ def _chat_request(max_chars: int) -> dict[str, Any]:
                 "items": message,
                 "contains": {"type": "object", "properties": {"role": {"const": "user"}}},
             },
-            "model": _nullable({"type": "string", "minLength": 1, "pattern": _NOT_BLANK}),
+            "model": _nullable(
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_MODEL_CHARS,
+                    "pattern": _NOT_BLANK,
+                }
+            ),
             "stream": {"type": "boolean"},
             "stream_options": _nullable(
                 {
@@ -406,7 +433,7 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "required": ["code", "message"],
                 "additionalProperties": False,
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                "properties": {"code": {"enum": list(ErrorCode)}, "message": {"type": "string"}},
             }
         },
     },
@@ -429,7 +456,7 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "format": "uuid"},
             "prompt": {"type": "string"},
             "response": {"type": "string"},
-            "status": {"enum": list(STATUSES)},
+            "status": {"enum": list(Status)},
             "created_at": _TIMESTAMP,
             "completed_at": {"oneOf": [_TIMESTAMP, {"type": "null"}]},
             "model": {"type": "string"},
@@ -442,7 +469,7 @@ _SCHEMAS: dict[str, Any] = {
                         "type": "object",
                         "required": ["code", "message"],
                         "properties": {
-                            "code": {"type": "string"},
+                            "code": {"enum": list(ErrorCode)},
                             "message": {"type": ["string", "null"]},
                         },
                     },
@@ -492,4 +519,4 @@ _SCHEMAS: dict[str, Any] = {
 
 async def openapi_endpoint(request: Request) -> Response:
     """GET /openapi.json."""
-    return JSONResponse(build_openapi(request.app.state.settings))
+    return JSONResponse(build_openapi(service_of(request).settings))

@@ -21,10 +21,13 @@ import math
 import re
 from typing import Any
 
+from starlette.requests import Request
+
+from sse_llm.contract import MAX_BODY_BYTES, MAX_NESTING, ErrorCode
 from sse_llm.errors import ApiError
 
 # Deeper than any real request (an OpenAI chat with content parts is 4 deep).
-MAX_DEPTH = 64
+MAX_DEPTH = MAX_NESTING
 
 _NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
 # +1 for an opening bracket, -1 for a closing one, indexed by the byte.
@@ -40,8 +43,35 @@ class InvalidField(ApiError):
     """A 422 `validation_error` about one field; `path` names it (`messages[0].content`)."""
 
     def __init__(self, path: str, message: str) -> None:
-        super().__init__(422, "validation_error", message)
+        super().__init__(422, ErrorCode.VALIDATION_ERROR, message)
         self.path = path
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a storable JSON object, or the SPEC 6 error (415, 413, 400, 422)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            "Send the body as Content-Type: application/json.",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()  # refused before reading a byte of it
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    # Parsed, and every string in it checked storable, before anything is queued.
+    return parse_json_object(bytes(body))
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413, ErrorCode.PAYLOAD_TOO_LARGE, f"The body must be at most {MAX_BODY_BYTES} bytes."
+    )
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -50,10 +80,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         # Strict UTF-8: json.loads would accept UTF-16, and encoded surrogates.
         text = body.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid_json", "The body is not valid UTF-8 JSON.") from None
+        raise ApiError(400, ErrorCode.INVALID_JSON, "The body is not valid UTF-8 JSON.") from None
     if too_deep(body):
         message = f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels."
-        raise ApiError(400, "invalid_json", message)
+        raise ApiError(400, ErrorCode.INVALID_JSON, message)
     overflowed = False
 
     def parse_float(number: str) -> float:
@@ -65,7 +95,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(text, parse_constant=_refuse_constant, parse_float=parse_float)
     except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+        raise ApiError(400, ErrorCode.INVALID_JSON, "The body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(422, "validation_error", "The body must be a JSON object.")
     # Decoded strictly, a string can hold NUL or a lone surrogate only through a \u

@@ -14,14 +14,22 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from sse_llm.contract import (
+    CANCEL_CHANNEL,
+    CHUNKS_CHANNEL,
+    INTERRUPTED_MESSAGE,
+    ErrorCode,
+    Status,
+)
+
 # The advisory-lock key space of instance locks (any constant unlikely to clash).
 INSTANCE_LOCK_NAMESPACE = 0x55E11
 # The key space of the fence (see lease.py): a writer's connection holds its owner's key
 # shared for as long as it lives; a settler must take it exclusively.
 FENCE_LOCK_NAMESPACE = 0x55E12
 
-STATUSES = ("streaming", "completed", "failed", "cancelled", "interrupted")
-ENDED_STATUSES = frozenset(STATUSES) - {"streaming"}
+# Why 'streaming' is spelled in the SQL below, not bound: the partial indexes' predicate
+# (WHERE status = 'streaming') is matched only by a query that says it literally.
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +50,7 @@ class Conversation:
     id: UUID
     prompt: str
     response: str
-    status: str
+    status: Status
     created_at: datetime
     first_chunk_at: datetime | None
     completed_at: datetime | None
@@ -54,6 +62,9 @@ class Conversation:
     # Through /v1/chat/completions: the whole chat and the parameters sent upstream.
     messages: list[dict[str, Any]] | None
     parameters: dict[str, Any] | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", Status(self.status))  # read as text
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class Ending:
     """How a generation ended, to be recorded in its conversation."""
 
     conversation_id: UUID
-    status: str
+    status: Status
     error_code: str | None = None
     error_message: str | None = None
 
@@ -83,34 +94,45 @@ class Ending:
 class Outcome:
     """Where a generation stands or how it ended: status, persisted chunks, error."""
 
-    status: str
+    status: Status
     chunks: int
     error_code: str | None = None
     error_message: str | None = None
 
-
-@dataclass(frozen=True)
-class HistoryPage:
-    """One page of conversations, newest first."""
-
-    items: list[Conversation]
-    has_more: bool
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", Status(self.status))  # read as text
 
 
-# While a conversation streams, `response` is not written yet (it is filled once, at the
-# end); readers assemble what is persisted so far from its chunks instead.
-_CONVERSATION_COLUMNS = sql.SQL("""
-    c.id, c.prompt,
+# While a conversation streams, its `response` and `chunk_count` are not written yet (its
+# end fills them, once): readers assemble what is persisted so far from its chunks. Each
+# expression is written once, here. Scalar subqueries in a select list, so PostgreSQL
+# evaluates them only for the rows a query returns; a view would have to change with
+# storage compaction, and invites evaluating it for every row of a list.
+LIVE_RESPONSE = sql.SQL("""
     CASE WHEN c.status = 'streaming'
         THEN coalesce((SELECT string_agg(k.text, '' ORDER BY k.seq)
                        FROM chunks k WHERE k.conversation_id = c.id), '')
-        ELSE c.response END AS response,
-    c.status, c.created_at, c.first_chunk_at, c.completed_at, c.model, c.provider,
+        ELSE c.response END
+""")
+LIVE_CHUNK_COUNT = sql.SQL("""
     CASE WHEN c.status = 'streaming'
         THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
-        ELSE c.chunk_count END AS chunks,
-    c.error_code, c.error_message, c.messages, c.parameters
+        ELSE c.chunk_count END
 """)
+# What an end records of conversation `{id}`, assembled from its chunks: the response, the
+# chunk count, and when the first chunk came (a lateral subquery of an UPDATE ... FROM).
+_ASSEMBLED_END = """
+    SELECT string_agg(text, '' ORDER BY seq) AS response,
+           count(*)::int AS count, min(created_at) AS first_at
+    FROM chunks WHERE conversation_id = {id}
+"""
+
+CONVERSATION_COLUMNS = sql.SQL("""
+    c.id, c.prompt, {response} AS response,
+    c.status, c.created_at, c.first_chunk_at, c.completed_at, c.model, c.provider,
+    {chunks} AS chunks,
+    c.error_code, c.error_message, c.messages, c.parameters
+""").format(response=LIVE_RESPONSE, chunks=LIVE_CHUNK_COUNT)
 
 
 async def insert_conversations(
@@ -141,7 +163,7 @@ async def insert_conversations(
             "parameters": [_json_or_none(c.parameters) for c in conversations],
         },
     )
-    created = dict(await cursor.fetchall())
+    created: dict[UUID, datetime] = dict(await cursor.fetchall())
     return [_new_row(c, created[c.id]) for c in conversations]
 
 
@@ -150,7 +172,7 @@ def _new_row(new: NewConversation, created_at: datetime) -> Conversation:
         id=new.id,
         prompt=new.prompt,
         response="",
-        status="streaming",
+        status=Status.STREAMING,
         created_at=created_at,
         first_chunk_at=None,
         completed_at=None,
@@ -217,12 +239,12 @@ async def insert_chunks(
             SELECT id::text, (row_number() OVER () - 1) / 200 AS part FROM owned
         )
         SELECT NULL::uuid FROM (
-            SELECT pg_notify('sse_llm_chunks', string_agg(id, ',')) FROM touched GROUP BY part
+            SELECT pg_notify(%(channel)s, string_agg(id, ',')) FROM touched GROUP BY part
         ) AS notified
         UNION ALL
         (SELECT id FROM batch EXCEPT SELECT id FROM owned)
         """,
-        {"rows": rows, "owner_id": owner_id},
+        {"rows": rows, "owner_id": owner_id, "channel": CHUNKS_CHANNEL},
     )
     return [row[0] for row in await cursor.fetchall() if row[0] is not None]
 
@@ -255,8 +277,7 @@ async def finish_conversations(
     `owner_id`'s change, so a late writer never overwrites an end already recorded (by
     another process's recovery, say). Followers in other processes are notified.
     """
-    cursor = await conn.execute(
-        """
+    statement = sql.SQL("""
         UPDATE conversations AS c
         SET status = e.status,
             completed_at = now(),
@@ -268,16 +289,15 @@ async def finish_conversations(
             owner_id = NULL
         FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
                     %(messages)s::text[]) AS e(id, status, error_code, error_message)
-        CROSS JOIN LATERAL (
-            SELECT string_agg(text, '' ORDER BY seq) AS response,
-                   count(*)::int AS count, min(created_at) AS first_at
-            FROM chunks WHERE conversation_id = e.id
-        ) AS k
+        CROSS JOIN LATERAL ({assembled}) AS k
         WHERE c.id = e.id AND c.owner_id = %(owner_id)s
           AND c.status IS NOT DISTINCT FROM 'streaming'  -- by key: see insert_chunks
-        RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
-        """,
+        RETURNING c.id, pg_notify(%(channel)s, c.id::text)
+    """).format(assembled=sql.SQL(_ASSEMBLED_END.format(id="e.id")))
+    cursor = await conn.execute(
+        statement,
         {
+            "channel": CHUNKS_CHANNEL,
             "ids": [e.conversation_id for e in ends],
             "statuses": [e.status for e in ends],
             "codes": [e.error_code for e in ends],
@@ -308,44 +328,12 @@ async def delete_unconfirmed_conversations(conn: AsyncConnection, ids: Sequence[
 async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> Conversation | None:
     """One conversation, with the response persisted so far if it is still streaming."""
     query = sql.SQL("SELECT {columns} FROM conversations c WHERE c.id = %(id)s").format(
-        columns=_CONVERSATION_COLUMNS
+        columns=CONVERSATION_COLUMNS
     )
     async with pool.connection() as conn:
         cursor = conn.cursor(row_factory=class_row(Conversation))
         await cursor.execute(query, {"id": conversation_id})
         return await cursor.fetchone()
-
-
-async def list_conversations(
-    pool: AsyncConnectionPool,
-    *,
-    limit: int,
-    offset: int,
-    query: str | None = None,
-    status: str | None = None,
-) -> HistoryPage:
-    """A page of conversations, newest first, optionally full-text searched and filtered.
-
-    `query` uses web search syntax (words, "phrases", -excluded, or).
-    """
-    conditions = [sql.SQL("TRUE")]
-    if query:
-        conditions.append(sql.SQL("c.search @@ websearch_to_tsquery('english', %(query)s)"))
-    if status:
-        conditions.append(sql.SQL("c.status = %(status)s"))
-    statement = sql.SQL("""
-        SELECT {columns} FROM conversations c
-        WHERE {conditions}
-        ORDER BY c.created_at DESC, c.id DESC
-        LIMIT %(limit)s OFFSET %(offset)s
-    """).format(columns=_CONVERSATION_COLUMNS, conditions=sql.SQL(" AND ").join(conditions))
-    # One extra row tells whether another page exists, without a count(*).
-    params = {"query": query, "status": status, "limit": limit + 1, "offset": offset}
-    async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(Conversation))
-        await cursor.execute(statement, params)
-        rows = await cursor.fetchall()
-    return HistoryPage(items=rows[:limit], has_more=len(rows) > limit)
 
 
 async def read_chunks(
@@ -389,7 +377,8 @@ async def server_started_at(conn: AsyncConnection) -> datetime:
     cursor = await conn.execute("SELECT pg_postmaster_start_time()")
     row = await cursor.fetchone()
     assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    started: datetime = row[0]
+    return started
 
 
 async def forget_instance(conn: AsyncConnection, instance_id: UUID) -> None:
@@ -500,29 +489,31 @@ async def _settle(
         rows = [(row_id, owner) for row_id, owner in rows if owner in fenced]
         if not rows:
             return []
-    cursor = await conn.execute(
-        """
+    statement = sql.SQL("""
         UPDATE conversations AS c
-        SET status = 'interrupted',
+        SET status = %(status)s,
             completed_at = now(),
-            error_code = 'interrupted',
-            error_message = 'The service stopped while this answer was streaming.',
+            error_code = %(code)s,
+            error_message = %(message)s,
             response = coalesce(k.response, ''),
             chunk_count = k.count,
             first_chunk_at = k.first_at,
             owner_id = NULL
         FROM unnest(%(ids)s::uuid[], %(owners)s::uuid[]) AS o(id, owner_id)
-        CROSS JOIN LATERAL (
-            SELECT string_agg(text, '' ORDER BY seq) AS response,
-                   count(*)::int AS count, min(created_at) AS first_at
-            FROM chunks WHERE conversation_id = o.id
-        ) AS k
+        CROSS JOIN LATERAL ({assembled}) AS k
         -- Still the same owner's and streaming: its owner may have ended it meanwhile.
         WHERE c.id = o.id AND c.owner_id = o.owner_id AND c.status = 'streaming'
-        RETURNING c.id, pg_notify('sse_llm_chunks', c.id::text)
-        """,
-        {"ids": [row_id for row_id, _ in rows], "owners": [owner for _, owner in rows]},
-    )
+        RETURNING c.id, pg_notify(%(channel)s, c.id::text)
+    """).format(assembled=sql.SQL(_ASSEMBLED_END.format(id="o.id")))
+    params = {
+        "ids": [row_id for row_id, _ in rows],
+        "owners": [owner for _, owner in rows],
+        "status": Status.INTERRUPTED,
+        "code": ErrorCode.INTERRUPTED,
+        "message": INTERRUPTED_MESSAGE,
+        "channel": CHUNKS_CHANNEL,
+    }
+    cursor = await conn.execute(statement, params)
     return [row[0] for row in await cursor.fetchall()]
 
 
@@ -540,21 +531,17 @@ async def cancel_requested(pool: AsyncConnectionPool, owner_id: UUID) -> list[UU
 
 async def get_status(pool: AsyncConnectionPool, conversation_id: UUID) -> Outcome | None:
     """How far a conversation got, without its text."""
-    query = """
-        SELECT c.status,
-               CASE WHEN c.status = 'streaming'
-                   THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
-                   ELSE c.chunk_count END AS chunks,
-               c.error_code, c.error_message
+    query = sql.SQL("""
+        SELECT c.status, {chunks} AS chunks, c.error_code, c.error_message
         FROM conversations c WHERE c.id = %(id)s
-    """
+    """).format(chunks=LIVE_CHUNK_COUNT)
     async with pool.connection() as conn:
         cursor = conn.cursor(row_factory=class_row(Outcome))
         await cursor.execute(query, {"id": conversation_id})
         return await cursor.fetchone()
 
 
-async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> str | None:
+async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> Status | None:
     """Record a cancel and tell whichever process generates this conversation to stop it.
 
     Returns `streaming` if the cancel was recorded, else the status the conversation
@@ -567,17 +554,17 @@ async def request_cancel(pool: AsyncConnectionPool, conversation_id: UUID) -> st
             UPDATE conversations
             SET cancel_requested_at = coalesce(cancel_requested_at, now())
             WHERE id = %(id)s AND status = 'streaming'
-            RETURNING pg_notify('sse_llm_cancel', id::text)
+            RETURNING pg_notify(%(channel)s, id::text)
             """,
-            {"id": conversation_id},
+            {"id": conversation_id, "channel": CANCEL_CHANNEL},
         )
         if await cursor.fetchone() is not None:
-            return "streaming"
+            return Status.STREAMING
         cursor = await conn.execute(
             "SELECT status FROM conversations WHERE id = %(id)s", {"id": conversation_id}
         )
         row = await cursor.fetchone()
-        return row[0] if row else None
+        return Status(row[0]) if row else None
 
 
 async def ping_database(pool: AsyncConnectionPool) -> None:
@@ -586,231 +573,11 @@ async def ping_database(pool: AsyncConnectionPool) -> None:
         await conn.execute("SELECT 1")
 
 
-# --- dashboard queries ---
-# The review dashboard's reads (sse_llm/dashboard.py). Search hits come back wrapped in
-# two private-use characters instead of HTML, so the templates can escape everything and
-# still mark the hits; those characters are removed from the stored text first, so no
-# prompt can forge a highlight.
-
-HIT_START = "\ue000"
-HIT_STOP = "\ue001"
-# How much of a prompt and of a response a history row shows.
-_PREVIEW_CHARS = 300
-# ts_headline reads this much of a response looking for hits: its cost grows with the text.
-_HEADLINE_SOURCE_CHARS = 20_000
-_HEADLINE_MARKERS = f"StartSel={HIT_START}, StopSel={HIT_STOP}"
-# A search first looks for its page among this many newest rows (see _search_page).
-_SEARCH_WINDOW_ROWS = 2000
-
-
-@dataclass(frozen=True)
-class StatusCount:
-    """How many conversations have one status."""
-
-    status: str
-    count: int
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    """One row of the dashboard's history: excerpts of a conversation's prompt and response.
-
-    With a search, the matched words in both are wrapped in HIT_START ... HIT_STOP.
-    """
-
-    id: UUID
-    status: str
-    created_at: datetime
-    model: str
-    chunks: int
-    prompt: str
-    response: str
-
-
-@dataclass(frozen=True)
-class HistoryRows:
-    """One page of history rows, newest first."""
-
-    items: list[HistoryRow]
-    has_more: bool
-
-
-@dataclass(frozen=True)
-class ConversationDetail(Conversation):
-    """A conversation and its time to first chunk in seconds (None before the first chunk)."""
-
-    first_chunk_seconds: float | None
-
-
 async def set_statement_timeout(conn: AsyncConnection, seconds: float) -> None:
     """Have PostgreSQL cancel any statement of this session that runs over `seconds`."""
     # At least 1 ms: 0 would mean no timeout at all.
     milliseconds = max(1, round(seconds * 1000))
     await conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{milliseconds}ms",))
-
-
-async def count_by_status(pool: AsyncConnectionPool) -> list[StatusCount]:
-    """How many conversations there are of each status present."""
-    query = "SELECT c.status, count(*)::int AS count FROM conversations c GROUP BY c.status"
-    async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(StatusCount))
-        await cursor.execute(query)
-        return await cursor.fetchall()
-
-
-async def list_history_rows(
-    pool: AsyncConnectionPool,
-    *,
-    limit: int,
-    offset: int,
-    query: str | None = None,
-    status: str | None = None,
-) -> HistoryRows:
-    """A page of the history as excerpts, newest first; a search marks its hits (ts_headline).
-
-    `query` is the same web search as list_conversations. The page's ids are found first,
-    then only those rows are read, so a deep offset or a long answer costs no more than it must.
-    """
-    async with pool.connection() as conn:
-        if query:
-            page = await _search_page(conn, query, status, limit + 1, offset)
-        else:
-            page = await _history_page(conn, status, limit + 1, offset)
-        # One extra row tells whether another page exists, without a count(*).
-        rows = await _history_rows(conn, [row[0] for row in page[:limit]], query)
-    return HistoryRows(items=rows, has_more=len(page) > limit)
-
-
-async def _history_page(
-    conn: AsyncConnection, status: str | None, limit: int, offset: int
-) -> list[tuple[UUID, datetime]]:
-    """The ids of one page of the history, from the (status, created_at) indexes alone."""
-    condition = sql.SQL("c.status = %(status)s" if status else "TRUE")
-    statement = sql.SQL("""
-        SELECT c.id, c.created_at FROM conversations c WHERE {condition}
-        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(condition=condition)
-    cursor = await conn.execute(statement, {"status": status, "limit": limit, "offset": offset})
-    return await cursor.fetchall()
-
-
-async def _search_page(
-    conn: AsyncConnection, query: str, status: str | None, limit: int, offset: int
-) -> list[tuple[UUID, datetime]]:
-    """The ids of one page of search results, newest first, in bounded time.
-
-    PostgreSQL would walk the newest-first index testing each row, which is quick for a
-    word found everywhere but reads every row for a word that is only in old ones. So
-    the walk is limited to the newest rows (each test costs a read of the row's tsvector);
-    when they hold too few hits, the page comes from the full-text index instead, whose
-    cost grows with the number of hits, not with the size of the history.
-    """
-    status_condition = sql.SQL("c.status = %(status)s" if status else "TRUE")
-    params = {
-        "query": query,
-        "status": status,
-        "limit": limit,
-        "offset": offset,
-        # Deeper pages look further, up to a bound: past it the index is the cheaper way.
-        "window": min(max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)), 5 * _SEARCH_WINDOW_ROWS),
-    }
-    newest = sql.SQL("""
-        SELECT recent.id, recent.created_at FROM (
-            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {status}
-            ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
-        ) AS recent
-        WHERE recent.search @@ websearch_to_tsquery('english', %(query)s)
-        ORDER BY recent.created_at DESC, recent.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(status=status_condition)
-    if offset + limit <= params["window"]:
-        cursor = await conn.execute(newest, params)
-        page = await cursor.fetchall()
-        if len(page) == limit:
-            return page  # the newest rows hold the whole page: the same as a full search
-    everything = sql.SQL("""
-        SELECT c.id, c.created_at FROM conversations c
-        WHERE c.search @@ websearch_to_tsquery('english', %(query)s) AND {status}
-        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(status=status_condition)
-    async with conn.transaction():
-        # Only the full-text index: the planner's other choices test every row.
-        await conn.execute("SET LOCAL enable_indexscan = off")
-        await conn.execute("SET LOCAL enable_seqscan = off")
-        cursor = await conn.execute(everything, params)
-        return await cursor.fetchall()
-
-
-async def _history_rows(
-    conn: AsyncConnection, ids: list[UUID], query: str | None
-) -> list[HistoryRow]:
-    """The history rows of `ids`, in that order; with a query, hits are marked."""
-    # A cut-off excerpt ends with an ellipsis.
-    prompt_start = sql.SQL("translate(left(c.prompt, %(preview)s), %(markers)s, '')")
-    response_start = sql.SQL("translate(left(r.response, %(preview)s), %(markers)s, '')")
-    if query:
-        prompt_start = sql.SQL("""
-            ts_headline('english', {prompt_start}, websearch_to_tsquery('english', %(query)s),
-                        %(markers_option)s || ', HighlightAll=true')
-        """).format(prompt_start=prompt_start)
-        # The passages around the hits; the answer's start when the hits are in the prompt.
-        response_start = sql.SQL("""
-            (SELECT CASE WHEN strpos(h.excerpt, %(hit_start)s) > 0 THEN h.excerpt
-                         ELSE {response_start} END
-             FROM ts_headline('english', translate(left(r.response, %(source)s), %(markers)s, ''),
-                              websearch_to_tsquery('english', %(query)s),
-                              %(markers_option)s || ', MaxFragments=2, MaxWords=18, MinWords=8, '
-                              || 'FragmentDelimiter=" … "') AS h(excerpt))
-        """).format(response_start=response_start)
-    excerpts = sql.SQL("""
-        {prompt_start} || CASE WHEN length(c.prompt) > %(preview)s THEN '…' ELSE '' END AS prompt,
-        {response_start} || CASE WHEN length(r.response) > %(preview)s THEN '…' ELSE '' END
-            AS response
-    """).format(prompt_start=prompt_start, response_start=response_start)
-    statement = sql.SQL("""
-        SELECT c.id, c.status, c.created_at, c.model, r.chunks, {excerpts}
-        FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS page(id, position)
-        JOIN conversations c ON c.id = page.id
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN c.status = 'streaming'
-                       THEN coalesce((SELECT string_agg(k.text, '' ORDER BY k.seq)
-                                      FROM chunks k WHERE k.conversation_id = c.id), '')
-                       ELSE c.response END AS response,
-                   CASE WHEN c.status = 'streaming'
-                       THEN (SELECT count(*) FROM chunks k WHERE k.conversation_id = c.id)::int
-                       ELSE c.chunk_count END AS chunks
-        ) AS r
-        ORDER BY page.position
-    """).format(excerpts=excerpts)
-    params = {
-        "ids": ids,
-        "query": query,
-        "preview": _PREVIEW_CHARS,
-        "source": _HEADLINE_SOURCE_CHARS,
-        "markers": HIT_START + HIT_STOP,
-        "markers_option": _HEADLINE_MARKERS,
-        "hit_start": HIT_START,
-    }
-    cursor = conn.cursor(row_factory=class_row(HistoryRow))
-    await cursor.execute(statement, params)
-    return await cursor.fetchall()
-
-
-async def get_conversation_detail(
-    pool: AsyncConnectionPool, conversation_id: UUID
-) -> ConversationDetail | None:
-    """One conversation as get_conversation reads it, with its time to first chunk."""
-    query = sql.SQL("""
-        SELECT {columns},
-               extract(epoch FROM coalesce(
-                   c.first_chunk_at,
-                   (SELECT min(k.created_at) FROM chunks k WHERE k.conversation_id = c.id)
-               ) - c.created_at)::float8 AS first_chunk_seconds
-        FROM conversations c WHERE c.id = %(id)s
-    """).format(columns=_CONVERSATION_COLUMNS)
-    async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(ConversationDetail))
-        await cursor.execute(query, {"id": conversation_id})
-        return await cursor.fetchone()
 
 
 # --- sessions ---

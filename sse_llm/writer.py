@@ -43,6 +43,7 @@ from uuid import UUID
 import psycopg
 
 from sse_llm import store
+from sse_llm.contract import ErrorCode, Status, StopReason
 from sse_llm.database import connection_options
 from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
@@ -75,12 +76,16 @@ T = TypeVar("T")
 
 def unavailable_end(conversation_id: UUID) -> Ending:
     """The end of a generation whose answer the database could not take in time."""
-    return Ending(conversation_id, "failed", "storage_unavailable", STORAGE_UNAVAILABLE_MESSAGE)
+    return Ending(
+        conversation_id, Status.FAILED, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_UNAVAILABLE_MESSAGE
+    )
 
 
 def rejected_end(conversation_id: UUID) -> Ending:
     """The end of a generation some of whose text the database refused."""
-    return Ending(conversation_id, "failed", "storage_rejected", STORAGE_REJECTED_MESSAGE)
+    return Ending(
+        conversation_id, Status.FAILED, ErrorCode.STORAGE_REJECTED, STORAGE_REJECTED_MESSAGE
+    )
 
 
 class ChunkOwner(Protocol):
@@ -92,7 +97,7 @@ class ChunkOwner(Protocol):
     def publish(self, chunk: Chunk) -> None:
         """The chunk is persisted: pass it on."""
 
-    def fail_storage(self, code: str) -> None:
+    def fail_storage(self, code: StopReason) -> None:
         """Its chunks could not be stored (`storage_unavailable` or `storage_rejected`);
         the writer records that end itself."""
 
@@ -202,7 +207,7 @@ class Writer:
         False if the batch could not be stored."""
         pending = self._pending
         if self._closed:
-            owner.fail_storage("storage_unavailable")
+            owner.fail_storage(StopReason.STORAGE_UNAVAILABLE)
             done = asyncio.get_running_loop().create_future()
             done.set_result(False)
             return done
@@ -339,7 +344,7 @@ class Writer:
                     owner.fence()
             elif first_rejected is not None and chunk.seq >= first_rejected:
                 if not owner.storage_failed:
-                    owner.fail_storage("storage_rejected")
+                    owner.fail_storage(StopReason.STORAGE_REJECTED)
                     self._kept[conversation_id] = rejected_end(conversation_id)
             else:
                 owner.publish(chunk)
@@ -354,7 +359,7 @@ class Writer:
                 future.set_exception(exc)
         for chunk, owner in batch.chunks:
             if not owner.storage_failed:
-                owner.fail_storage("storage_unavailable")
+                owner.fail_storage(StopReason.STORAGE_UNAVAILABLE)
                 self._kept[chunk.conversation_id] = unavailable_end(chunk.conversation_id)
         for ending, end_future in batch.ends:
             told = unavailable_end(ending.conversation_id)

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from uuid import UUID
 
 import httpx
@@ -20,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sse_llm import store
+from sse_llm import history_queries
 from sse_llm.config import Settings
-from sse_llm.dashboard import html_errors, split_hits
-from sse_llm.store import HIT_START, HIT_STOP
+from sse_llm.dashboard import create_templates, html_errors, split_hits
+from sse_llm.history_queries import HIT_START, HIT_STOP
 from tests.conftest import create, start_server, with_database, word
 
 HOSTILE_PROMPT = (
@@ -307,6 +308,8 @@ async def test_database_outage_is_an_html_503_page() -> None:
         raise psycopg.OperationalError("connection refused")
 
     app = Starlette(routes=[Route("/", html_errors(failing))])
+    # The one part an error page needs (create_app's lifespan would make them all).
+    app.state.service = SimpleNamespace(templates=create_templates())
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as test_client:
         response = await test_client.get("/")
@@ -325,10 +328,14 @@ async def test_search_pages_match_the_api_whichever_way_they_are_found(
         create(client, f"{tag} hit {n}")
         create(client, f"no match here {n}")
     # A window of 2 rows makes most pages come from the full-text index instead.
-    monkeypatch.setattr(store, "_SEARCH_WINDOW_ROWS", 2)
+    monkeypatch.setattr(history_queries, "_SEARCH_WINDOW_ROWS", 2)
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
         for limit, offset in [(1, 0), (2, 0), (2, 1), (4, 2), (3, 5), (5, 6)]:
-            rows = await store.list_history_rows(pool, limit=limit, offset=offset, query=tag)
-            expected = await store.list_conversations(pool, limit=limit, offset=offset, query=tag)
+            rows = await history_queries.list_history_rows(
+                pool, limit=limit, offset=offset, query=tag
+            )
+            expected = await history_queries.list_conversations(
+                pool, limit=limit, offset=offset, query=tag
+            )
             assert [row.id for row in rows.items] == [c.id for c in expected.items]
             assert rows.has_more == expected.has_more

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from sse_llm.contract import ErrorCode
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class ModelRequest:
 class ProviderError(Exception):
     """The provider failed; `code` is one of the SPEC 2 error codes."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         # Stored as the conversation's error_message and sent to its clients: it must be
         # storable whatever text a provider put in it.
         message = clean_text(message)
@@ -38,14 +40,14 @@ class UpstreamError(ProviderError):
     """The upstream answered with an error, or its stream broke off."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("upstream_error", message)
+        super().__init__(ErrorCode.UPSTREAM_ERROR, message)
 
 
 class UpstreamUnavailable(ProviderError):
     """The upstream could not be reached at all."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("upstream_unavailable", message)
+        super().__init__(ErrorCode.UPSTREAM_UNAVAILABLE, message)
 
 
 class Provider(Protocol):
@@ -54,7 +56,7 @@ class Provider(Protocol):
     name: str
     model: str
 
-    def stream(self, request: ModelRequest) -> AsyncIterator[str]:
+    def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
         """Yield the pieces of the answer as the model emits them."""
         ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from sse_llm.providers.base import ModelRequest, last_user_text
 
@@ -70,7 +70,7 @@ class DemoProvider:
         words = words[: self.tokens]
         return [words[0]] + [" " + word for word in words[1:]]
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[str]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
         """Yield the answer to the last user message word by word, at the configured pace.
 
         Honours `max_tokens` (fewer words) and `stop` (ends before a stop sequence).

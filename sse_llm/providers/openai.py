@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from http.cookiejar import CookieJar
 from typing import Any
 
@@ -67,7 +67,7 @@ class OpenAIProvider:
             transport=AiohttpTransport(limits=limits),
         )
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[str]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
         """Yield each `delta.content` of the upstream's SSE stream until `[DONE]`."""
         body = {
             **request.parameters,
@@ -132,7 +132,7 @@ async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
 class _NoCookies(CookieJar):
     """A cookie jar that keeps nothing (and skips parsing Set-Cookie headers)."""
 
-    def extract_cookies(self, response: object, request: object) -> None:  # type: ignore[override]
+    def extract_cookies(self, response: object, request: object) -> None:
         return
 
 
