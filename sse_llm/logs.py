@@ -3,6 +3,10 @@
 Structured values travel in `extra={"fields": {...}}`; both formats print them, so a
 line reads `request method=POST path=/stream status=200 …` or the same as JSON keys.
 Prompt and response text are never logged at INFO.
+
+Why not python-json-logger: the same lines need its rename_fields plus a subclass that
+lower-cases the level and flattens `fields`, as much code as JsonFormatter, and a
+dependency; the standard library does the rest.
 """
 
 from __future__ import annotations

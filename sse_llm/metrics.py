@@ -3,6 +3,10 @@
 With `sse-llm serve --workers N` the CLI sets PROMETHEUS_MULTIPROC_DIR before the
 workers start; prometheus-client then keeps every value in files shared by the workers,
 and whichever worker answers a scrape reports the sum over all of them.
+
+Why the library and not counters of our own: a chunk costs one Histogram.observe, 0.9 µs
+(2.2 µs in multiprocess mode) against 0.5 µs measured for a hand-rolled bisect, too
+little to be worth owning the exposition format and the merging of workers' values.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""One log line and one metric count per HTTP request, and its X-Request-Id."""
+"""One log line and one metric count per HTTP request, and its X-Request-Id.
+
+Why not asgi-correlation-id: its default validator keeps only UUIDs (a caller's plain id
+would be replaced), and the metric and the log line would still need this middleware,
+so every request would pass two wrappers instead of one.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 The tests point the `openai` provider at it instead of patching an HTTP client, so the
 real client code path runs: connect, status codes, chunked SSE, broken connections.
 It speaks just enough HTTP/1.1 by hand (asyncio streams, standard library only) and
-runs its own event loop in a thread, so sync and async tests can both use it.
+runs its own event loop in a thread, so sync and async tests can both use it. Why not an
+ASGI app under uvicorn (or pytest-httpserver): `drop` aborts the socket mid-chunk and
+`closed_streams()` sees a hang-up at once, and those servers hide the socket from handlers.
 
 Routes:
     POST /v1/chat/completions  answered as the prompt's `Script` says (see below)

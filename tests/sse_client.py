@@ -1,4 +1,10 @@
-"""A small SSE parser for tests: what a browser's EventSource would see."""
+"""A small SSE parser for tests: what a browser's EventSource would see.
+
+Why not httpx-sse: it dispatches events without data, so the stream's `retry:` hint, and
+every `: ping` after a chunk (its issue #35, open), arrive as phantom messages (tried:
+test_resume.py failed at once); it gives an event without `id:` the previous id; and it
+splits lines only at CR and LF, while test_line_clients.py needs splitlines() underneath.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ threads of its own (so it serves clients of any event loop). It records what cli
 send (to count statements), can be armed to forward the next `COMMIT` and then drop
 that connection before the server's reply reaches the client (the commit happens, and
 the client cannot know), and can fall silent like a dead network.
+
+Why not toxiproxy: it is a separate server (a Go binary; PyPI has only its clients), and
+its toxics cut by time or bytes; cutting right after a COMMIT needs to read what is sent.
 """
 
 from __future__ import annotations
