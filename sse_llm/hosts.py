@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sse_llm.config import Settings
+from sse_llm.contract import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ def _refusal(path: str) -> JSONResponse:
             "message": message,
             "type": "invalid_request_error",
             "param": None,
-            "code": "invalid_host",
+            "code": ErrorCode.INVALID_HOST,
         }
     else:
-        error = {"code": "invalid_host", "message": message}
+        error = {"code": ErrorCode.INVALID_HOST, "message": message}
     return JSONResponse({"error": error}, status_code=400)
