@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import unicodedata
 from urllib.parse import parse_qs, quote, urlsplit
 
 import psycopg
@@ -37,6 +36,7 @@ from sse_llm import store
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import render
 from sse_llm.errors import handle_database_error
+from sse_llm.reviews import reviewer_name
 from sse_llm.service import service_of
 from sse_llm.store import Session
 
@@ -196,18 +196,6 @@ def same_origin(request: Request) -> bool:
     origin = urlsplit(source)
     host = request.headers.get("host", "").lower()
     return origin.netloc.lower() == host and origin.scheme in ("http", "https")
-
-
-def reviewer_name(text: str) -> str:
-    """A reviewer's name as SPEC 9 has it (trimmed, NFC); ValueError says what is wrong."""
-    name = unicodedata.normalize("NFC", text).strip()
-    if not 1 <= len(name) <= 64:
-        raise ValueError("A reviewer name has 1 to 64 characters.")
-    if name in (".", "..") or "/" in name:
-        raise ValueError("A reviewer name cannot be . or .. or hold a /.")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
-        raise ValueError("A reviewer name cannot hold control characters.")
-    return name
 
 
 def safe_next(target: str | None) -> str:

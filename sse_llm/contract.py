@@ -69,6 +69,14 @@ class ErrorCode(StrEnum):
     INTERRUPTED = "interrupted"
 
 
+class Verdict(StrEnum):
+    """A reviewer's judgement of a conversation (SPEC 9)."""
+
+    GOOD = "good"
+    BAD = "bad"
+    UNSURE = "unsure"
+
+
 # The end of a stream whose process stopped: said by the process itself or its settler.
 INTERRUPTED_MESSAGE = "The service stopped while this answer was streaming."
 
@@ -81,6 +89,13 @@ MAX_OFFSET = 1_000_000_000
 MAX_QUERY_CHARS = 1000
 MAX_MODEL_CHARS = 200
 MAX_CHUNK_ID = 2**31 - 1  # chunks.seq is an int4: the largest Last-Event-ID
+
+# Reviews (SPEC 9).
+MAX_REVIEWER_CHARS = 64
+MAX_LABELS = 20  # per review
+MAX_LABEL_CHARS = 40
+MAX_NOTE_CHARS = 4000
+CLAIM_SECONDS = 600  # a review queue's soft claim on the conversation it served
 
 # PostgreSQL NOTIFY channels between processes (store.py sends, broadcast.py listens).
 CHUNKS_CHANNEL = "sse_llm_chunks"  # payload: conversation ids with new chunks or an end

@@ -1,0 +1,3 @@
+DROP TABLE review_claims;
+DROP TABLE annotations;
+DROP TABLE reviews;
