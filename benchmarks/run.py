@@ -38,8 +38,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the project root: tests.support
-
 from harness import report as reporting
 from harness.capacity import capacity_search
 from harness.config import RESULTS, Config
