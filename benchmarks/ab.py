@@ -160,7 +160,7 @@ def main() -> int:
     lines, ok = compare(runs)
     heading = [
         f"A = {checkouts['A']} at {runs['A'][0]['git']}, "
-        f"B = {checkouts['B']} at {runs['B'][0]['git']}; {args.rounds} interleaved rounds, "
+        f"B = {checkouts['B']} at {runs['B'][0]['git']}; {args.rounds} interleaved round(s), "
         f"run.py {' '.join(run_args)}",
         "",
     ]

@@ -58,7 +58,7 @@ async def wait_until_async(
         if isinstance(value, Awaitable):
             value = await value
         if value:
-            return value  # type: ignore[return-value]  # narrowed from T | Awaitable[T]
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(message)
         await asyncio.sleep(interval)

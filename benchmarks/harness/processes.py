@@ -40,7 +40,7 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) ->
 
     def answers() -> bool:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             http_get(url, timeout=1)
         except OSError:
@@ -136,7 +136,7 @@ class Server:
 
 def _is_postgres(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
-        return process.name().startswith("postgres")
+        return bool(process.name().startswith("postgres"))
     return False
 
 
