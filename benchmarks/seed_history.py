@@ -29,7 +29,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,10 @@ import psycopg
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.append(str(REPO))  # the project root: tests.support
+from tests.support import free_port, wait_until  # noqa: E402
+
+NOT_STARTED = "sse-llm did not start; see results/history-server.log"
 RESULTS = HERE / "results"
 BATCH = 100_000
 TARGET_MS = 50.0
@@ -215,12 +218,6 @@ def match_counts(database_url: str, words: list[str]) -> dict[str, int]:
     return counts
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def sse_llm_server(database_url: str) -> Iterator[int]:
     """`sse-llm serve` on the seeded database; yields its port."""
@@ -233,16 +230,18 @@ def sse_llm_server(database_url: str) -> Iterator[int]:
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             with contextlib.suppress(OSError):
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 connection.request("GET", "/readyz")
                 if connection.getresponse().status == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("sse-llm did not start; see results/history-server.log")
-            time.sleep(0.3)
+                    return True
+            if process.poll() is not None:
+                raise RuntimeError(NOT_STARTED)
+            return False
+
+        wait_until(ready, 60, 0.3, NOT_STARTED, error=RuntimeError)
         yield port
     finally:
         process.terminate()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import string
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +25,9 @@ from sse_llm.database import EmbeddedPostgres, apply_migrations
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
 from tests.fake_upstream import FakeUpstream
 from tests.sse_client import stream_prompt
+from tests.support import free_port, wait_until
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["free_port"]  # other test modules import it from here too
 
 
 @pytest.fixture(scope="session")
@@ -117,11 +111,15 @@ def start_server(
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+
+    def started() -> bool:
+        if server.started:
+            return True
+        if not thread.is_alive():
             raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
+        return False
+
+    wait_until(started, 30, 0.01, "the test server did not start", error=RuntimeError)
     return RunningServer(f"http://127.0.0.1:{port}", server, thread, settings)
 
 

@@ -8,15 +8,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psycopg
 
-from tests.conftest import free_port
 from tests.sse_client import Event, iter_events
+from tests.support import free_port, wait_until
 
 
 @dataclass
@@ -66,17 +65,23 @@ def spawn_server(database_url: str, *args: str, **env: str) -> ServerProcess:
             start_new_session=True,
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def healthy() -> bool:
         try:
             if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                return server
+                return True
         except httpx.HTTPError:
             pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"sse-llm serve did not start:\n{server.log()}")
-        time.sleep(0.1)
+        if process.poll() is not None:
+            raise RuntimeError("exited")
+        return False
+
+    try:
+        wait_until(healthy, 30, 0.1, "timed out", error=RuntimeError)
+    except RuntimeError:
+        server.stop()
+        raise RuntimeError(f"sse-llm serve did not start:\n{server.log()}") from None
+    return server
 
 
 class BackgroundStream:

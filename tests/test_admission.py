@@ -17,6 +17,7 @@ from sse_llm.config import Settings
 from sse_llm.errors import ApiError
 from tests.conftest import start_server
 from tests.sse_client import iter_events
+from tests.support import wait_until
 
 
 class Lag:
@@ -237,14 +238,12 @@ def _post(url: str, prompt: str, answers: list[httpx.Response]) -> None:
 
 
 def _waiting_streams(client: httpx.Client) -> float:
-    """sse_llm_waiting_streams from /metrics, once it is above 0 (or 0 after 1 s)."""
-    deadline = time.monotonic() + 1
-    value = 0.0
-    while time.monotonic() < deadline:
+    """sse_llm_waiting_streams from /metrics, once it is above 0 (fails after 1 s)."""
+
+    def waiting() -> float:
         for line in client.get("/metrics").text.splitlines():
             if line.startswith("sse_llm_waiting_streams "):
-                value = float(line.split()[1])
-        if value > 0:
-            break
-        time.sleep(0.05)
-    return value
+                return float(line.split()[1])
+        return 0.0
+
+    return wait_until(waiting, timeout=1, message="no stream waited")

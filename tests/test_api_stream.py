@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +13,7 @@ from sse_llm.config import Settings
 from sse_llm.providers.demo import DemoProvider
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import aiter_events, chunk_text, iter_events, stream_prompt
+from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +24,6 @@ def slow_server(base_settings: Settings) -> Iterator[RunningServer]:
     )
     yield running
     running.stop()
-
-
-def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    """Poll until `predicate()` is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_stream_sends_start_chunks_in_order_then_done(demo_server: RunningServer) -> None:
@@ -141,7 +129,7 @@ def test_client_disconnect_mid_stream_still_completes(slow_server: RunningServer
             for event in iter_events(response):
                 if event.id == "3":
                     break  # closing the response drops the connection mid-stream
-        stored = wait_for(
+        stored = wait_until(
             lambda: (lambda c: c if c["status"] != "streaming" else None)(
                 client.get(f"/history/{conversation_id}").json()
             )

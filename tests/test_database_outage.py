@@ -4,6 +4,7 @@ point 4)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from sse_llm.store import Chunk, Ending, NewConversation
 from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
+from tests.support import wait_until, wait_until_async
 from tests.tcp_proxy import TcpProxy
 
 T = TypeVar("T")
@@ -44,10 +46,13 @@ def server(
 
 
 def wait_ready(url: str, want: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/readyz", timeout=5).status_code != want:
-        assert time.monotonic() < deadline, f"/readyz never answered {want}"
-        time.sleep(0.2)
+    """Return once /readyz answers `want`."""
+    wait_until(
+        lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == want,
+        timeout,
+        interval=0.2,
+        message=f"/readyz never answered {want}",
+    )
 
 
 def test_readyz_and_new_requests_follow_the_database(
@@ -138,18 +143,17 @@ def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_
 
 def wait_for_end(database_url: str, conversation_id: str | UUID, timeout: float = 15) -> tuple:
     """(status, error code, response) of a conversation once it stops streaming."""
-    deadline = time.monotonic() + timeout
     with psycopg.connect(database_url, autocommit=True) as conn:
-        while True:
+
+        def ended() -> tuple | None:
             row = conn.execute(
                 "SELECT status, error_code, response FROM conversations WHERE id = %s",
                 (conversation_id,),
             ).fetchone()
             assert row is not None
-            if row[0] != "streaming":
-                return row
-            assert time.monotonic() < deadline, "the conversation is still streaming"
-            time.sleep(0.1)
+            return row if row[0] != "streaming" else None
+
+        return wait_until(ended, timeout, 0.1, "the conversation is still streaming")
 
 
 class Owner:
@@ -222,9 +226,9 @@ def test_a_create_whose_commit_reply_was_lost_leaves_no_row(
             new = NewConversation(uuid4(), "lost reply", "demo", "demo", owner_id)
             created = writer.create(new)
             await asyncio.wait([created])
-            deadline = time.monotonic() + 10
-            while new.id in writer.unsettled_ids() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            # Up to 10 s for the writer to settle it; the row count below is the verdict.
+            with contextlib.suppress(AssertionError):
+                await wait_until_async(lambda: new.id not in writer.unsettled_ids(), 10)
             return new.id, created.exception()
         finally:
             await writer.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from sse_llm.config import Settings
 from tests.conftest import RunningServer, start_server
 from tests.fake_upstream import FakeUpstream, Script
 from tests.sse_client import chunk_text, iter_events
+from tests.support import wait_until
 
 JSON = {"Content-Type": "application/json"}
 LONE = "\ud800"  # a lone surrogate: json.dumps sends it as the escape \ud800
@@ -396,13 +396,11 @@ def test_bad_requests_on_every_route_never_touch_30_running_streams(
 
 def wait_for_a_live_stream(client: httpx.Client) -> str:
     """The id of a conversation that is streaming right now (once the streams have begun)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        items = client.get("/history", params={"status": "streaming", "limit": 1}).json()["items"]
-        if items:
-            return str(items[0]["id"])
-        time.sleep(0.05)
-    raise AssertionError("no stream started")
+
+    def live() -> list[dict[str, object]]:
+        return client.get("/history", params={"status": "streaming", "limit": 1}).json()["items"]
+
+    return str(wait_until(live, 30, message="no stream started")[0]["id"])
 
 
 def count_conversations(db: psycopg.Connection) -> int:

@@ -11,7 +11,6 @@ import contextlib
 import select
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,8 @@ from sse_llm.store import (
     INSTANCE_LOCK_NAMESPACE,
     interrupt_orphaned_conversations,
 )
-from tests.conftest import free_port, with_database
+from tests.conftest import with_database
+from tests.support import free_port, wait_until
 
 T = TypeVar("T")
 
@@ -86,15 +86,6 @@ def status_of(conn: psycopg.Connection, conversation_id: UUID) -> str:
     ).fetchone()
     assert row is not None
     return str(row[0])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_failed_relock_is_retried_and_never_settles_the_processs_own_streams(
@@ -205,7 +196,7 @@ def test_a_lease_connection_gone_silent_is_replaced_and_the_lock_retaken(
                 def relocked() -> bool:
                     return lock_holder(db, lease.instance_id) not in (None, old)
 
-                await asyncio.to_thread(wait_for, relocked, 30)
+                await asyncio.to_thread(wait_until, relocked, 30, 0.05, "no new lock holder")
                 return old, lock_holder(db, lease.instance_id)
         finally:
             with contextlib.suppress(TimeoutError):

@@ -26,6 +26,7 @@ from sse_llm.logs import JsonFormatter, TextFormatter
 from tests.conftest import RunningServer, start_server, word
 from tests.fake_upstream import FakeUpstream, Script
 from tests.sse_client import iter_events, stream_prompt
+from tests.support import wait_until
 
 
 def metric(text: str, name: str, default: float | None = None) -> float:
@@ -96,9 +97,7 @@ def test_one_log_line_per_request_and_per_stream_without_the_prompt(
         ]
 
     # The request's line is written as its response finishes, just after the last event.
-    deadline = time.monotonic() + 5
-    while len(mine()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(mine()) >= 2, 5, message="the request's log lines are missing")
     kinds = sorted(r.getMessage() for r in mine())
     assert kinds == ["request", "stream ended"]
     stream_line = next(r for r in mine() if r.getMessage() == "stream ended")
@@ -348,17 +347,15 @@ def test_a_stream_whose_row_could_not_be_created_gives_its_slot_back(
 
 def backend_waiting_for_lock(db: psycopg.Connection, statement: str) -> int:
     """The process id of the connection whose `statement` waits for a lock, once it does."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        row = db.execute(
+
+    def waiting() -> tuple[int] | None:
+        return db.execute(
             "SELECT pid FROM pg_stat_activity"
             " WHERE wait_event_type = 'Lock' AND query LIKE %s AND pid <> pg_backend_pid()",
             (f"%{statement}%",),
         ).fetchone()
-        if row is not None:
-            return int(row[0])
-        time.sleep(0.05)
-    raise AssertionError(f"nobody waited to run {statement}")
+
+    return int(wait_until(waiting, 10, message=f"nobody waited to run {statement}")[0])
 
 
 def test_oversized_headers_and_urls_are_refused_by_the_server(demo_server: RunningServer) -> None:
@@ -405,15 +402,19 @@ def test_a_client_that_stops_reading_is_dropped_and_its_answer_still_saved(
             conversation_id = re.search(rb"x-conversation-id: ([0-9a-f-]+)", head, re.I)
             assert conversation_id is not None, head[:300]
             deadline = time.monotonic() + 20
-            while not any("read nothing" in r.getMessage() for r in caplog.records):
-                assert time.monotonic() < deadline, "the stalled client was not dropped"
-                time.sleep(0.05)
+            wait_until(
+                lambda: any("read nothing" in r.getMessage() for r in caplog.records),
+                20,
+                message="the stalled client was not dropped",
+            )
             # Its request ends (logged once the response returns), and the answer is whole.
-            while not any(
-                getattr(r, "fields", {}).get("route") == "stream" for r in caplog.records
-            ):
-                assert time.monotonic() < deadline, "the stalled stream did not end"
-                time.sleep(0.05)
+            wait_until(
+                lambda: any(
+                    getattr(r, "fields", {}).get("route") == "stream" for r in caplog.records
+                ),
+                deadline - time.monotonic(),  # one deadline for both waits
+                message="the stalled stream did not end",
+            )
         stored = wait_for_status(db, conversation_id.group(1).decode(), "completed")
         assert stored == ("completed", 400, 400 * 8000)
     finally:
@@ -424,13 +425,12 @@ def wait_for_status(
     db: psycopg.Connection, conversation_id: str, status: str
 ) -> tuple[str, int, int]:
     """The conversation's (status, chunk count, response length) once it has `status`."""
-    deadline = time.monotonic() + 20
-    while True:
+
+    def reached() -> tuple[str, int, int] | None:
         row = db.execute(
             "SELECT status, chunk_count, length(response) FROM conversations WHERE id = %s",
             (conversation_id,),
         ).fetchone()
-        if (row is not None and row[0] == status) or time.monotonic() > deadline:
-            assert row is not None
-            return row
-        time.sleep(0.05)
+        return row if row is not None and row[0] == status else None
+
+    return wait_until(reached, 20, message=f"the conversation never became {status}")

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import RunningServer
 from tests.processes import BackgroundStream, ServerProcess, spawn_server, stored
 from tests.sse_client import Event, chunk_text, iter_events
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -24,12 +25,13 @@ def process_a(database_url: str) -> Iterator[ServerProcess]:
 
 
 def wait_status(database_url: str, conversation_id: str, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The conversation's status once it is no longer `streaming`."""
+
+    def ended() -> str | None:
         status = stored(database_url, conversation_id)[0]
-        if status != "streaming" or time.monotonic() > deadline:
-            return status
-        time.sleep(0.1)
+        return status if status != "streaming" else None
+
+    return wait_until(ended, timeout, 0.1, "the conversation is still streaming")
 
 
 def test_client_on_another_process_follows_the_generation_live(
