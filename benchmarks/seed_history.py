@@ -6,11 +6,14 @@
 Seeding runs in PostgreSQL (generate_series), in batches of 100,000 rows: prompts and
 responses are drawn from pools of random sentences over a Zipf-like vocabulary of
 pseudo-words (so full-text search meets common, medium and rare words, like real text),
-created_at spreads over the past year, ~5% of conversations are `failed`. The table's
+created_at spreads over the past year, ~5% of conversations are `failed`, and five
+models share them unevenly (50/25/15/8/2%). The table's
 secondary indexes are dropped during the load and rebuilt after it with their exact
 definitions (one index build is far cheaper than a million index insertions), and
 `--jobs` connections (2) insert at once: the generated tsvector column is the cost. The
 `chunks` table is not seeded: ended conversations are read from their `response`.
+Then `--reviews` reviews (default: a tenth of `--count`) and a fifth as many annotations
+are seeded on them (seed_reviews.py), and the `conversation_counts` rollup is rebuilt.
 
 Then, unless `--no-time`, it starts `sse-llm serve` on that database and times each
 request 20 times on a keep-alive connection over loopback (what a client sees; the
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from seed_reviews import rebuild_counts, seed_reviews
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -92,7 +96,10 @@ INSERT_SQL = """
            t.created_at,
            t.created_at + interval '300 ms',
            t.created_at + interval '3 s',
-           'bench', 'openai', 40 + g %% 60,
+           CASE WHEN g %% 100 < 50 THEN 'gpt-4o-mini' WHEN g %% 100 < 75 THEN 'gpt-4o'
+                WHEN g %% 100 < 90 THEN 'claude-sonnet' WHEN g %% 100 < 98 THEN 'llama-70b'
+                ELSE 'mistral-large' END,
+           'openai', 40 + g %% 60,
            CASE WHEN g %% 20 = 0 THEN 'upstream_timeout' END,
            CASE WHEN g %% 20 = 0 THEN 'The model went silent.' END
     FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g
@@ -309,6 +316,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="connections inserting at once")
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per request")
     parser.add_argument("--data-dir", help="embedded PostgreSQL folder (default: temporary)")
+    parser.add_argument(
+        "--reviews", type=int, help="reviews to seed (default: count / 10; with --no-seed, none)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = datetime.now(UTC)
@@ -336,6 +346,14 @@ def main() -> int:
         else:
             print(f"seeding {args.count:,} conversations ...", flush=True)
             seeded = seed(database_url, args.count, args.jobs)
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                rebuild_counts(conn)
+        reviews = args.reviews
+        if reviews is None:
+            reviews = 0 if args.no_seed else args.count // 10
+        if reviews:
+            print(f"seeding {reviews:,} reviews ...", flush=True)
+            seeded["reviews"] = seed_reviews(database_url, reviews)
         report: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"),
             "seed": seeded,
