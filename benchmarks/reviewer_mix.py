@@ -27,7 +27,7 @@ NEXT_BEFORE = re.compile(r"before=([0-9a-f-]{36})")
 # An invalid value per filter: a server that has the filter refuses it (422).
 PROBES = {
     "verdict": "verdict=maybe", "consensus": "consensus=maybe", "reviewer": "reviewer=.",
-    "label": "label=a%2Cb", "reviewed": "reviewed=maybe", "from": "from=soon",
+    "label": "label=" + "x" * 41, "reviewed": "reviewed=maybe", "from": "from=soon",
     "before": "before=not-an-id", "model": "model=" + "m" * 300,
 }  # fmt: skip
 
