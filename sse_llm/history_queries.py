@@ -115,8 +115,15 @@ class ConversationDetail(Conversation):
 
 
 async def count_by_status(pool: AsyncConnectionPool) -> list[StatusCount]:
-    """How many conversations there are of each status present."""
-    query = "SELECT c.status, count(*)::int AS count FROM conversations c GROUP BY c.status"
+    """How many conversations there are of each status present.
+
+    Summed from the counts the writer keeps by hour (migration 0010, store.py): the cost
+    grows with the hours and models of the history, not its conversations.
+    """
+    query = """
+        SELECT status, sum(conversations)::bigint AS count FROM conversation_counts
+        GROUP BY status HAVING sum(conversations) <> 0
+    """
     async with pool.connection() as conn:
         cursor = conn.cursor(row_factory=class_row(StatusCount))
         await cursor.execute(query)

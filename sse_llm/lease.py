@@ -89,6 +89,8 @@ log = logging.getLogger(__name__)
 
 # A stream this young may not be registered with its generation yet: the self-sweep spares it.
 NEW_STREAM_SECONDS = 60
+# How often a process folds the history counts of past hours (store.fold_counts).
+FOLD_SECONDS = 300
 
 
 class InstanceLease:
@@ -116,6 +118,7 @@ class InstanceLease:
         self._server: datetime | None = None
         self._server_seen_since = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._folded_at = float("-inf")
 
     async def start(self) -> None:
         """Take the instance lock, recover what dead processes left, start checking."""
@@ -152,8 +155,16 @@ class InstanceLease:
                 if self.holds_lock:
                     await self._recover()
                     await self._settle_own()
+                    await self._fold_counts()
         except Exception as exc:
             log.warning("lease check failed: %r", exc)
+
+    async def _fold_counts(self) -> None:
+        """Now and then, merge the history counts' rows of past hours (store.fold_counts)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._folded_at >= FOLD_SECONDS:
+            self._folded_at = now
+            await store.fold_counts(self._pool)
 
     async def apply_cancels(self) -> None:
         """Stop the streams this process runs whose cancel is recorded (its notice may be lost)."""

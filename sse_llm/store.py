@@ -27,6 +27,10 @@ INSTANCE_LOCK_NAMESPACE = 0x55E11
 # The key space of the fence (see lease.py): a writer's connection holds its owner's key
 # shared for as long as it lives; a settler must take it exclusively.
 FENCE_LOCK_NAMESPACE = 0x55E12
+# The key space of the counts' fold (one process folds at a time).
+COUNTS_LOCK_NAMESPACE = 0x55E13
+# The counts' row of folded changes and of rows no process owns (migration 0010).
+NO_WRITER = UUID(int=0)
 
 # Why 'streaming' is spelled in the SQL below, not bound: the partial indexes' predicate
 # (WHERE status = 'streaming') is matched only by a query that says it literally.
@@ -515,6 +519,40 @@ async def _settle(
     }
     cursor = await conn.execute(statement, params)
     return [row[0] for row in await cursor.fetchall()]
+
+
+async def fold_counts(pool: AsyncConnectionPool) -> int:
+    """Merge the counts' per-process rows of past hours into writer 0; return rows moved.
+
+    Keeps the counts table about as small as hours x models x statuses however many
+    processes ran. One process folds at a time (the others skip); a stream that ends
+    late adds a fresh row to its old hour, which the next fold merges.
+    """
+    async with pool.connection() as conn, conn.transaction():
+        cursor = await conn.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, 0)", (COUNTS_LOCK_NAMESPACE,)
+        )
+        row = await cursor.fetchone()
+        if row is None or not row[0]:
+            return 0
+        cursor = await conn.execute(
+            """
+            WITH moved AS (
+                DELETE FROM conversation_counts
+                WHERE writer <> %(no_writer)s
+                  AND bucket < date_trunc('hour', now(), 'UTC') - interval '1 hour'
+                RETURNING bucket, model, provider, status, conversations
+            )
+            INSERT INTO conversation_counts AS n
+                (bucket, model, provider, status, writer, conversations)
+            SELECT bucket, model, provider, status, %(no_writer)s, sum(conversations)
+            FROM moved GROUP BY bucket, model, provider, status
+            ON CONFLICT (bucket, model, provider, status, writer)
+            DO UPDATE SET conversations = n.conversations + excluded.conversations
+            """,
+            {"no_writer": NO_WRITER},
+        )
+        return cursor.rowcount
 
 
 async def cancel_requested(pool: AsyncConnectionPool, owner_id: UUID) -> list[UUID]:
