@@ -149,9 +149,9 @@ def seed_reviews(database_url: str, reviews: int) -> dict[str, Any]:
         conn.execute("TRUNCATE reviews, annotations, review_claims")
         conn.execute("DROP TABLE IF EXISTS seed_reviewed, seed_truth")
         for statement in (DRAWS_SQL, TRUE_LABELS_SQL, REVIEWS_SQL):
-            conn.execute(statement, params)  # type: ignore[arg-type]
+            conn.execute(statement, params)
         reviews_done = time.monotonic()
-        conn.execute(ANNOTATIONS_SQL, params)  # type: ignore[arg-type]
+        conn.execute(ANNOTATIONS_SQL, params)
         conn.execute("DROP TABLE seed_reviewed, seed_truth")
         annotations_done = time.monotonic()
         rebuild_counts(conn)
