@@ -1,0 +1,489 @@
+"""store.py's statements against the real PostgreSQL: what each one promises, said directly.
+
+Each scenario runs on an event loop of its own in a thread (it must not meet another
+test's), with a connection and a pool of its own. The database is shared by the
+session, so every test makes its own ids, owners and search words and looks only at them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from sse_llm import store
+from sse_llm.database import apply_migrations
+from sse_llm.store import Chunk, Conversation, Ending, NewConversation
+from tests.conftest import with_database, word
+
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30) -> T:
+    """Run an async scenario on an event loop of its own, in a thread of its own."""
+    with ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, asyncio.wait_for(scenario(), timeout)).result()
+
+
+@asynccontextmanager
+async def connected(
+    database_url: str,
+) -> AsyncIterator[tuple[AsyncConnection, AsyncConnectionPool]]:
+    """A connection for the writer's statements and a pool for the readers', as the service has."""
+    async with (
+        await AsyncConnection.connect(database_url, autocommit=True) as conn,
+        AsyncConnectionPool(
+            database_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool,
+    ):
+        yield conn, pool
+
+
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """A fresh, migrated database, for statements that act on every row (the sweeps)."""
+    name = f"sse_llm_store_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(database_url, name)
+    apply_migrations(url)
+    yield url
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def new(owner_id: UUID, prompt: str = "a prompt", **more: Any) -> NewConversation:
+    return NewConversation(uuid4(), prompt, "a-model", "demo", owner_id, **more)
+
+
+async def streaming(conn: AsyncConnection, owner_id: UUID, prompt: str = "a prompt") -> UUID:
+    """A new conversation `owner_id` streams."""
+    (row,) = await store.insert_conversations(conn, [new(owner_id, prompt)])
+    return row.id
+
+
+async def stored(conn: AsyncConnection, conversation_id: UUID) -> list[tuple[int, str]]:
+    cursor = await conn.execute(
+        "SELECT seq, text FROM chunks WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
+    )
+    return await cursor.fetchall()
+
+
+async def notifications(conn: AsyncConnection, seconds: float = 0.3) -> list[tuple[str, str]]:
+    """(channel, payload) of the notifications `conn` (listening) hears within `seconds`."""
+    return [(n.channel, n.payload) async for n in conn.notifies(timeout=seconds)]
+
+
+def test_inserted_conversations_stream_and_a_retry_returns_the_same_rows(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[Conversation], list[Conversation], list[tuple]]:
+        async with connected(database_url) as (conn, _):
+            owner_id = uuid4()
+            chat = [{"role": "user", "content": "hi"}]
+            batch = [new(owner_id, "first"), new(owner_id, "second", messages=chat, parameters={})]
+            rows = await store.insert_conversations(conn, batch)
+            # A retry after a lost acknowledgement: the same rows, not an error.
+            again = await store.insert_conversations(conn, batch)
+            cursor = await conn.execute(
+                "SELECT prompt, status, owner_id, messages, parameters FROM conversations"
+                " WHERE id = ANY(%s) ORDER BY prompt",
+                ([c.id for c in batch],),
+            )
+            return rows, again, await cursor.fetchall()
+
+    rows, again, recorded = run(scenario)
+    assert [(r.prompt, r.status, r.response, r.chunks) for r in rows] == [
+        ("first", "streaming", "", 0),
+        ("second", "streaming", "", 0),
+    ]
+    assert again == rows  # created_at included: the first insert's
+    owner_id = recorded[0][2]
+    assert recorded == [
+        ("first", "streaming", owner_id, None, None),
+        ("second", "streaming", owner_id, [{"role": "user", "content": "hi"}], {}),
+    ]
+
+
+def test_chunks_are_stored_only_into_the_owners_streaming_rows_and_the_others_come_back(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[dict[str, UUID], list[UUID], dict[str, list[tuple[int, str]]]]:
+        async with connected(database_url) as (conn, _):
+            owner_id = uuid4()
+            ids = {
+                "owned": await streaming(conn, owner_id),
+                "another's": await streaming(conn, uuid4()),
+                "ended": await streaming(conn, owner_id),
+                "missing": uuid4(),
+            }
+            await store.finish_conversations(conn, [Ending(ids["ended"], "completed")], owner_id)
+            batch = [Chunk(i, seq, f"{name} {seq}") for seq in (1, 2) for name, i in ids.items()]
+            refused = await store.insert_chunks(conn, batch, owner_id)
+            return ids, refused, {name: await stored(conn, i) for name, i in ids.items()}
+
+    ids, refused, chunks = run(scenario)
+    # Each refused conversation once, however many of its chunks the batch held.
+    assert sorted(refused) == sorted([ids["another's"], ids["ended"], ids["missing"]])
+    assert chunks == {
+        "owned": [(1, "owned 1"), (2, "owned 2")],
+        "another's": [],
+        "ended": [],
+        "missing": [],
+    }
+
+
+def test_a_chunk_written_again_keeps_its_first_text_and_is_not_refused(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[UUID], list[tuple[int, str]]]:
+        async with connected(database_url) as (conn, _):
+            owner_id = uuid4()
+            conversation_id = await streaming(conn, owner_id)
+            await store.insert_chunks(conn, [Chunk(conversation_id, 1, "first")], owner_id)
+            # A retry after a lost acknowledgement sends the same chunk again.
+            retry = [Chunk(conversation_id, 1, "again"), Chunk(conversation_id, 2, "next")]
+            refused = await store.insert_chunks(conn, retry, owner_id)
+            return refused, await stored(conn, conversation_id)
+
+    refused, chunks = run(scenario)
+    assert refused == []
+    assert chunks == [(1, "first"), (2, "next")]
+
+
+def test_chunks_read_back_in_seq_order_whatever_order_they_were_written_in(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[Chunk], list[Chunk], Conversation | None]:
+        async with connected(database_url) as (conn, pool):
+            owner_id = uuid4()
+            conversation_id = await streaming(conn, owner_id)
+            for seqs in ((3, 1), (4, 2)):
+                batch = [Chunk(conversation_id, seq, f"<{seq}>") for seq in seqs]
+                await store.insert_chunks(conn, batch, owner_id)
+            return (
+                await store.read_chunks(pool, conversation_id),
+                await store.read_chunks(pool, conversation_id, after_seq=2),
+                await store.get_conversation(pool, conversation_id),
+            )
+
+    everything, after_two, conversation = run(scenario)
+    assert [(c.seq, c.text) for c in everything] == [(1, "<1>"), (2, "<2>"), (3, "<3>"), (4, "<4>")]
+    assert [c.seq for c in after_two] == [3, 4]
+    assert conversation is not None and conversation.response == "<1><2><3><4>"
+
+
+def test_stored_chunks_notify_each_conversation_once_and_only_once_committed(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[UUID], list[tuple[str, str]], list[tuple[str, str]]]:
+        async with (
+            connected(database_url) as (conn, _),
+            await AsyncConnection.connect(database_url, autocommit=True) as listener,
+        ):
+            await listener.execute("LISTEN sse_llm_chunks")
+            owner_id = uuid4()
+            ids = [await streaming(conn, owner_id) for _ in range(201)]
+            refused_id = await streaming(conn, uuid4())
+            rolled_back = await streaming(conn, owner_id)
+            async with conn.transaction(force_rollback=True):
+                await store.insert_chunks(conn, [Chunk(rolled_back, 1, "never")], owner_id)
+            unheard = await notifications(listener)
+            # Two chunks of every conversation, and one of a conversation not the owner's.
+            batch = [Chunk(i, seq, "x") for seq in (1, 2) for i in ids]
+            await store.insert_chunks(conn, [*batch, Chunk(refused_id, 1, "x")], owner_id)
+            return ids, unheard, await notifications(listener)
+
+    ids, unheard, heard = run(scenario)
+    assert unheard == []
+    assert {channel for channel, _ in heard} == {"sse_llm_chunks"}
+    named = [UUID(part) for _, payload in heard for part in payload.split(",")]
+    assert sorted(named) == sorted(ids)  # once each; never the refused one
+    # A payload must stay under PostgreSQL's 8000 bytes: 201 ids take two.
+    assert len(heard) == 2
+
+
+def test_an_end_is_recorded_once_by_its_owner_with_the_response_assembled_from_chunks(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[UUID], list[UUID], list[UUID], tuple]:
+        async with connected(database_url) as (conn, _):
+            owner_id = uuid4()
+            conversation_id = await streaming(conn, owner_id)
+            chunks = [Chunk(conversation_id, 2, "world"), Chunk(conversation_id, 1, "hello ")]
+            await store.insert_chunks(conn, chunks, owner_id)
+            failed = Ending(conversation_id, "failed", "upstream_error", "it broke")
+            by_another = await store.finish_conversations(conn, [failed], uuid4())
+            recorded = await store.finish_conversations(conn, [failed], owner_id)
+            # A late end (another process settled it meanwhile, say) changes nothing.
+            late = [Ending(conversation_id, "completed")]
+            again = await store.finish_conversations(conn, late, owner_id)
+            cursor = await conn.execute(
+                "SELECT status, error_code, error_message, response, chunk_count, owner_id,"
+                " completed_at IS NOT NULL, first_chunk_at IS NOT NULL"
+                " FROM conversations WHERE id = %s",
+                (conversation_id,),
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            return [conversation_id], by_another, recorded, (again, row)
+
+    ids, by_another, recorded, (again, row) = run(scenario)
+    assert by_another == [] and recorded == ids and again == []
+    assert row == ("failed", "upstream_error", "it broke", "hello world", 2, None, True, True)
+
+
+def test_a_streaming_conversation_reads_as_its_chunks_and_an_ended_one_as_recorded(
+    database_url: str,
+) -> None:
+    async def scenario() -> list[Any]:
+        async with connected(database_url) as (conn, pool):
+            owner_id = uuid4()
+            conversation_id = await streaming(conn, owner_id)
+            chunks = [Chunk(conversation_id, 1, "so "), Chunk(conversation_id, 2, "far")]
+            await store.insert_chunks(conn, chunks, owner_id)
+            live = await store.get_conversation(pool, conversation_id)
+            live_status = await store.get_status(pool, conversation_id)
+            await store.finish_conversations(conn, [Ending(conversation_id, "completed")], owner_id)
+            # A chunk slipped in past the end (only by hand): the recorded end still rules.
+            await conn.execute(
+                "INSERT INTO chunks (conversation_id, seq, text) VALUES (%s, 3, ' more')",
+                (conversation_id,),
+            )
+            ended = await store.get_conversation(pool, conversation_id)
+            ended_status = await store.get_status(pool, conversation_id)
+            unknown = await store.get_conversation(pool, uuid4())
+            return [live, live_status, ended, ended_status, unknown]
+
+    live, live_status, ended, ended_status, unknown = run(scenario)
+    assert (live.status, live.response, live.chunks) == ("streaming", "so far", 2)
+    assert live_status == store.Outcome("streaming", 2)
+    assert (ended.status, ended.response, ended.chunks) == ("completed", "so far", 2)
+    assert ended.first_chunk_at is not None and ended.completed_at is not None
+    assert ended_status == store.Outcome("completed", 2)
+    assert unknown is None
+
+
+def test_history_lists_newest_first_in_pages_filtered_by_status_and_words(
+    database_url: str,
+) -> None:
+    tag, answer_word = word(), word()
+
+    async def scenario() -> tuple[list[UUID], dict[str, store.HistoryPage]]:
+        async with connected(database_url) as (conn, pool):
+            owner_id = uuid4()
+            # One statement each: each its own creation time.
+            ids = [await streaming(conn, owner_id, f"{tag} number {n}") for n in range(3)]
+            await store.insert_chunks(conn, [Chunk(ids[1], 1, answer_word)], owner_id)
+            await store.finish_conversations(conn, [Ending(ids[1], "completed")], owner_id)
+
+            async def page(**options: Any) -> store.HistoryPage:
+                return await store.list_conversations(pool, **{"limit": 2, "offset": 0, **options})
+
+            return ids, {
+                "first": await page(query=tag),
+                "second": await page(query=tag, offset=2),
+                "completed": await page(query=tag, status="completed"),
+                "streaming": await page(query=tag, status="streaming", limit=5),
+                "answer": await page(query=answer_word),
+                "excluding": await page(query=f"{tag} -{answer_word}", limit=5),
+            }
+
+    ids, pages = run(scenario)
+
+    def listed(name: str) -> tuple[list[UUID], bool]:
+        return [c.id for c in pages[name].items], pages[name].has_more
+
+    assert listed("first") == ([ids[2], ids[1]], True)
+    assert listed("second") == ([ids[0]], False)
+    assert listed("completed") == ([ids[1]], False)
+    assert listed("streaming") == ([ids[2], ids[0]], False)
+    assert listed("answer") == ([ids[1]], False)  # an ended answer is searched too
+    assert listed("excluding") == ([ids[2], ids[0]], False)
+    assert pages["completed"].items[0].response == answer_word
+
+
+def test_a_cancel_is_recorded_once_for_its_owner_to_find_and_names_an_ended_status(
+    database_url: str,
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with (
+            connected(database_url) as (conn, pool),
+            await AsyncConnection.connect(database_url, autocommit=True) as listener,
+        ):
+            await listener.execute("LISTEN sse_llm_cancel")
+            owner_id = uuid4()
+            cancelled, untouched, ended = [await streaming(conn, owner_id) for _ in "abc"]
+            elsewhere = await streaming(conn, uuid4())
+            await store.finish_conversations(conn, [Ending(ended, "failed")], owner_id)
+            answers = [await store.request_cancel(pool, i) for i in (cancelled, ended, uuid4())]
+            heard = await notifications(listener)
+            await store.request_cancel(pool, elsewhere)
+            first_at = await conn.execute(
+                "SELECT cancel_requested_at FROM conversations WHERE id = %s", (cancelled,)
+            )
+            again = await store.request_cancel(pool, cancelled)
+            second_at = await conn.execute(
+                "SELECT cancel_requested_at FROM conversations WHERE id = %s", (cancelled,)
+            )
+            return {
+                "answers": answers,
+                "heard": heard,
+                "again": again,
+                "same time": await first_at.fetchone() == await second_at.fetchone(),
+                "found": await store.cancel_requested(pool, owner_id),
+                "ids": (cancelled, untouched),
+            }
+
+    result = run(scenario)
+    cancelled, _ = result["ids"]
+    assert result["answers"] == ["streaming", "failed", None]
+    assert result["heard"] == [("sse_llm_cancel", str(cancelled))]
+    assert result["again"] == "streaming" and result["same time"]
+    # Only this owner's streams whose cancel is recorded: not the other owner's.
+    assert result["found"] == [cancelled]
+
+
+def test_a_process_interrupts_its_own_rows_but_spares_the_excepted_and_the_newest(
+    database_url: str,
+) -> None:
+    async def scenario() -> tuple[list[UUID], list[UUID], list[UUID], tuple]:
+        async with connected(database_url) as (conn, pool):
+            owner_id = uuid4()
+            ids = [await streaming(conn, owner_id) for _ in range(3)]
+            elsewhere = await streaming(conn, uuid4())
+            await store.insert_chunks(conn, [Chunk(ids[0], 1, "partial")], owner_id)
+            # Too new: a generation may be about to register it.
+            spared = await store.interrupt_conversations(
+                pool, owner_id=owner_id, created_before_seconds=60
+            )
+            settled = await store.interrupt_conversations(
+                pool, owner_id=owner_id, except_ids=[ids[2]]
+            )
+            cursor = await conn.execute(
+                "SELECT id, status, error_code, response, chunk_count, owner_id"
+                " FROM conversations WHERE id = ANY(%s)",
+                ([*ids, elsewhere],),
+            )
+            rows = {row[0]: row[1:] for row in await cursor.fetchall()}
+            return ids, spared, settled, (elsewhere, rows)
+
+    ids, spared, settled, (elsewhere, rows) = run(scenario)
+    assert spared == []
+    assert sorted(settled) == sorted(ids[:2])
+    assert rows[ids[0]] == ("interrupted", "interrupted", "partial", 1, None)
+    assert rows[ids[1]] == ("interrupted", "interrupted", "", 0, None)
+    assert rows[ids[2]][0] == "streaming" and rows[elsewhere][0] == "streaming"
+
+
+def test_only_dead_owners_rows_are_interrupted_and_dead_owners_forgotten(
+    own_database: str,
+) -> None:
+    # Dead: its instance lock is free and was taken on this very server, or on an earlier
+    # one once the settler has seen this server up past the re-lock grace (quiet_server).
+    async def scenario() -> dict[str, Any]:
+        async with (
+            connected(own_database) as (conn, pool),
+            await AsyncConnection.connect(own_database, autocommit=True) as live_session,
+        ):
+            settler, dead, alive, before_restart = uuid4(), uuid4(), uuid4(), uuid4()
+            assert await store.lock_instance(live_session, alive) is not None
+            await conn.execute(
+                "INSERT INTO instances (id, server_started_at) VALUES"
+                " (%s, pg_postmaster_start_time()), (%s, pg_postmaster_start_time()),"
+                " (%s, pg_postmaster_start_time() - interval '1 hour')",
+                (settler, dead, before_restart),
+            )
+            rows = {o: await streaming(conn, o) for o in (settler, dead, alive, before_restart)}
+            await store.insert_chunks(conn, [Chunk(rows[dead], 1, "last words")], dead)
+            first = await store.interrupt_orphaned_conversations(
+                pool, settler_id=settler, quiet_server=None
+            )
+            quiet = await store.server_started_at(conn)
+            second = await store.interrupt_orphaned_conversations(
+                pool, settler_id=settler, quiet_server=quiet
+            )
+            cursor = await conn.execute("SELECT id FROM instances")
+            instances = {row[0] for row in await cursor.fetchall()}
+            cursor = await conn.execute(
+                "SELECT status, response FROM conversations WHERE id = %s", (rows[dead],)
+            )
+            return {
+                "first": first,
+                "second": second,
+                "rows": rows,
+                "instances": instances,
+                "dead row": await cursor.fetchone(),
+                "owners": (settler, dead, alive, before_restart),
+            }
+
+    result = run(scenario)
+    settler, dead, alive, before_restart = result["owners"]
+    rows = result["rows"]
+    assert result["first"] == [rows[dead]]
+    assert result["dead row"] == ("interrupted", "last words")
+    # Past the grace, a lock taken on an earlier server and never re-taken means dead too;
+    # the live owner and the settler itself are never settled.
+    assert result["second"] == [rows[before_restart]]
+    assert result["instances"] == {settler, alive}
+
+
+def test_a_session_is_found_until_it_expires_or_is_revoked_and_expired_ones_are_deleted(
+    own_database: str,
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with connected(own_database) as (_, pool):
+            live = await store.create_session(pool, b"live", "ann", 3600)
+            revoked = await store.create_session(pool, b"revoked", "bob", 3600)
+            await store.revoke_session(pool, revoked.token_hash)
+            for n, seconds in enumerate((-300, -200, -100, 0)):
+                await store.create_session(pool, b"expired %d" % n, "cy", seconds)
+            found = {
+                name: await store.find_session(pool, name)
+                for name in (b"live", b"revoked", b"expired 3", b"unknown")
+            }
+            deleted = await store.delete_expired_sessions(pool, limit=2)
+            async with pool.connection() as conn:
+                cursor = await conn.execute("SELECT token_hash FROM sessions ORDER BY token_hash")
+                left = [bytes(row[0]) for row in await cursor.fetchall()]
+            return {"live": live, "found": found, "deleted": deleted, "left": left}
+
+    result = run(scenario)
+    live = result["live"]
+    assert (live.reviewer, (live.expires_at - live.created_at).total_seconds()) == ("ann", 3600)
+    assert result["found"] == {
+        b"live": live,
+        b"revoked": None,
+        b"expired 3": None,
+        b"unknown": None,
+    }
+    # Oldest first, up to the limit; a revoked session not yet expired stays.
+    assert result["deleted"] == 2
+    assert result["left"] == [b"expired 2", b"expired 3", b"live", b"revoked"]
+
+
+def test_deleting_an_unconfirmed_conversation_deletes_its_chunks_too(database_url: str) -> None:
+    async def scenario() -> tuple[int, list[tuple[int, str]], int]:
+        async with connected(database_url) as (conn, _):
+            owner_id = uuid4()
+            gone, kept = await streaming(conn, owner_id), await streaming(conn, owner_id)
+            chunks = [Chunk(gone, 1, "x"), Chunk(kept, 1, "y")]
+            await store.insert_chunks(conn, chunks, owner_id)
+            await store.delete_unconfirmed_conversations(conn, [gone])
+            cursor = await conn.execute(
+                "SELECT count(*) FROM conversations WHERE id = ANY(%s)", ([gone, kept],)
+            )
+            (rows,) = await cursor.fetchone() or (0,)
+            return rows, await stored(conn, gone), len(await stored(conn, kept))
+
+    rows, orphans, kept_chunks = run(scenario)
+    assert (rows, orphans, kept_chunks) == (1, [], 1)
