@@ -71,6 +71,16 @@ async def streaming(conn: AsyncConnection, owner_id: UUID, prompt: str = "a prom
     return row.id
 
 
+async def ended_by_hand(conn: AsyncConnection, owner_id: UUID) -> UUID:
+    """A conversation ended with its owner kept: every end clears the owner, so only this
+    shows the status condition of the fence on its own."""
+    conversation_id = await streaming(conn, owner_id)
+    await conn.execute(
+        "UPDATE conversations SET status = 'cancelled' WHERE id = %s", (conversation_id,)
+    )
+    return conversation_id
+
+
 async def stored(conn: AsyncConnection, conversation_id: UUID) -> list[tuple[int, str]]:
     cursor = await conn.execute(
         "SELECT seq, text FROM chunks WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
@@ -124,6 +134,7 @@ def test_chunks_are_stored_only_into_the_owners_streaming_rows_and_the_others_co
                 "owned": await streaming(conn, owner_id),
                 "another's": await streaming(conn, uuid4()),
                 "ended": await streaming(conn, owner_id),
+                "ended, still owned": await ended_by_hand(conn, owner_id),
                 "missing": uuid4(),
             }
             await store.finish_conversations(conn, [Ending(ids["ended"], "completed")], owner_id)
@@ -133,13 +144,8 @@ def test_chunks_are_stored_only_into_the_owners_streaming_rows_and_the_others_co
 
     ids, refused, chunks = run(scenario)
     # Each refused conversation once, however many of its chunks the batch held.
-    assert sorted(refused) == sorted([ids["another's"], ids["ended"], ids["missing"]])
-    assert chunks == {
-        "owned": [(1, "owned 1"), (2, "owned 2")],
-        "another's": [],
-        "ended": [],
-        "missing": [],
-    }
+    assert sorted(refused) == sorted(i for name, i in ids.items() if name != "owned")
+    assert chunks == {name: [] for name in ids} | {"owned": [(1, "owned 1"), (2, "owned 2")]}
 
 
 def test_a_chunk_written_again_keeps_its_first_text_and_is_not_refused(
@@ -227,6 +233,8 @@ def test_an_end_is_recorded_once_by_its_owner_with_the_response_assembled_from_c
             # A late end (another process settled it meanwhile, say) changes nothing.
             late = [Ending(conversation_id, "completed")]
             again = await store.finish_conversations(conn, late, owner_id)
+            cancelled = await ended_by_hand(conn, owner_id)
+            again += await store.finish_conversations(conn, [Ending(cancelled, "failed")], owner_id)
             cursor = await conn.execute(
                 "SELECT status, error_code, error_message, response, chunk_count, owner_id,"
                 " completed_at IS NOT NULL, first_chunk_at IS NOT NULL"

@@ -25,26 +25,6 @@ from tests.test_writer import Owner, new_conversation, run, stored_chunks
 SYNC = b"S\x00\x00\x00\x04"
 
 
-class CheckingOwner(Owner):
-    """An owner that looks, from another connection, whether each chunk it is given is stored."""
-
-    def __init__(self, database_url: str) -> None:
-        super().__init__()
-        self._database_url = database_url
-        self.unstored: list[Chunk] = []
-
-    def publish(self, chunk: Chunk) -> None:
-        # Blocking the loop for a moment is fine here: the point is what is on disk now.
-        with psycopg.connect(self._database_url) as conn:
-            found = conn.execute(
-                "SELECT 1 FROM chunks WHERE conversation_id = %s AND seq = %s",
-                (chunk.conversation_id, chunk.seq),
-            ).fetchone()
-        if found is None:
-            self.unstored.append(chunk)
-        super().publish(chunk)
-
-
 async def stream(writer: Writer, row: Conversation, owner: Owner, chunks: int) -> bool:
     """Write a stream's chunks at a generation's pace (a turn of the loop between them)."""
     done = None
@@ -86,41 +66,47 @@ def test_chunks_of_many_streams_are_group_committed_and_published_in_seq_order(
     assert 0 < statements <= streams * chunks // 10
 
 
-def test_a_chunk_is_published_and_a_create_confirmed_only_once_committed(
+def test_a_batchs_chunks_are_published_and_its_creates_confirmed_only_once_it_commits(
     database_url: str,
 ) -> None:
-    async def scenario() -> tuple[list[bool], CheckingOwner]:
+    # A row lock held elsewhere stalls the batch inside its transaction, after its
+    # create and its chunk are written and before its COMMIT: nothing may be told yet.
+    async def scenario() -> dict[str, object]:
         writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
         owner_id = uuid4()
         writer.start(owner_id)
-        visible: list[bool] = []
-
-        def look(future: asyncio.Future[Conversation]) -> None:
-            with psycopg.connect(database_url) as conn:
-                query = "SELECT 1 FROM conversations WHERE id = %s"
-                visible.append(conn.execute(query, (future.result().id,)).fetchone() is not None)
-
         try:
-            first = writer.create(new_conversation(owner_id))
-            first.add_done_callback(look)
-            row = await first
-            owner = CheckingOwner(database_url)
-            await writer.write(Chunk(row.id, 1, "alone"), owner)
-            # A create, chunks and an end in one transaction: confirmed after its COMMIT.
-            second = writer.create(new_conversation(owner_id))
-            second.add_done_callback(look)
-            writer.write(Chunk(row.id, 2, " and"), owner)
-            writer.write(Chunk(row.id, 3, " together"), owner)
-            await second
-            await writer.finish(Ending(second.result().id, "completed"))
-            return visible, owner
+            rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
+            owner = Owner()
+            async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+                await blocker.execute(
+                    "SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (rows[1].id,)
+                )
+                created = writer.create(new_conversation(owner_id))
+                done = writer.write(Chunk(rows[0].id, 1, "held"), owner)
+                ended = writer.finish(Ending(rows[1].id, "completed"))  # waits for the lock
+                await asyncio.sleep(0.3)
+                stalled = {
+                    "create confirmed": created.done(),
+                    "chunk settled": done.done(),
+                    "published": list(owner.published),
+                }
+                await blocker.rollback()
+            row = await created
+            assert await done is True
+            await ended
+            async with await psycopg.AsyncConnection.connect(database_url) as conn:
+                cursor = await conn.execute("SELECT 1 FROM conversations WHERE id = %s", (row.id,))
+                visible = await cursor.fetchone() is not None
+            return {"stalled": stalled, "visible": visible, "owner": owner}
         finally:
             await writer.close()
 
-    visible, owner = run(scenario())
-    assert visible == [True, True]
-    assert [c.seq for c in owner.published] == [1, 2, 3]
-    assert owner.unstored == []
+    result = run(scenario())
+    assert result["stalled"] == {"create confirmed": False, "chunk settled": False, "published": []}
+    assert result["visible"]
+    owner = result["owner"]
+    assert isinstance(owner, Owner) and [c.text for c in owner.published] == ["held"]
 
 
 def test_a_batch_cut_off_by_an_outage_is_retried_and_nothing_is_lost_or_duplicated(
