@@ -12,6 +12,7 @@ import time
 from uuid import uuid4
 
 import psycopg
+import pytest
 
 from sse_llm.database import EmbeddedPostgres
 from sse_llm.errors import StorageUnavailable
@@ -149,37 +150,54 @@ def test_a_batch_cut_off_by_an_outage_is_retried_and_nothing_is_lost_or_duplicat
     assert recorded == ("completed", "before during2 during3 ")
 
 
+async def lose_a_commit_reply(proxy: TcpProxy) -> tuple[list[Conversation], Owner, bool, object]:
+    """Write a chunk of one stream and the end of another in one batch whose COMMIT reaches
+    PostgreSQL and whose reply is lost; return the rows, the owner, the chunk's result and
+    what the end's caller was told."""
+    writer = Writer(proxy.url, storage_timeout=5, metrics=Metrics())
+    owner_id = uuid4()
+    writer.start(owner_id)
+    try:
+        rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
+        owner = Owner()
+        assert await writer.write(Chunk(rows[0].id, 1, "one "), owner)
+        proxy.drop_reply_to_next_commit()
+        # The same tick: one batch, a transaction (an end is in it), so a COMMIT.
+        done = writer.write(Chunk(rows[0].id, 2, "two"), owner)
+        ended = writer.finish(Ending(rows[1].id, "completed"))
+        return rows, owner, await done, await ended
+    finally:
+        await writer.close()
+
+
 def test_a_batch_retried_after_its_commit_reply_was_lost_stores_each_chunk_once(
     database_url: str, db: psycopg.Connection
 ) -> None:
-    # The COMMIT reaches PostgreSQL, its reply is lost: the writer cannot know it
-    # committed, writes the batch again, and each chunk must still be there once.
-    async def scenario(proxy: TcpProxy) -> tuple[list[Conversation], Owner, bool]:
-        writer = Writer(proxy.url, storage_timeout=5, metrics=Metrics())
-        owner_id = uuid4()
-        writer.start(owner_id)
-        try:
-            rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
-            owner = Owner()
-            assert await writer.write(Chunk(rows[0].id, 1, "one "), owner)
-            proxy.drop_reply_to_next_commit()
-            # The same tick: one batch, a transaction (an end is in it), so a COMMIT.
-            done = writer.write(Chunk(rows[0].id, 2, "two"), owner)
-            ended = writer.finish(Ending(rows[1].id, "completed"))
-            stored = await done
-            await ended
-            return rows, owner, stored
-        finally:
-            await writer.close()
-
+    # The writer cannot know the batch committed, so writes it again: each chunk must
+    # still be there once, and published once.
     with TcpProxy(database_url) as proxy:
-        rows, owner, stored = run(scenario(proxy))
+        rows, owner, stored, _ = run(lose_a_commit_reply(proxy))
         assert proxy.dropped.is_set(), "the proxy never saw the COMMIT"
     assert stored and not owner.storage_failed
     assert [(c.seq, c.text) for c in owner.published] == [(1, "one "), (2, "two")]
     assert stored_chunks(db, [rows[0].id]) == {rows[0].id: [(1, "one "), (2, "two")]}
     status = db.execute("SELECT status FROM conversations WHERE id = %s", (rows[1].id,))
     assert status.fetchone() == ("completed",)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after a lost COMMIT reply the retried finish finds its own end recorded and"
+    " returns None, which Writer.finish documents as 'another process settled it first';"
+    " the generation then re-reads the row (and reports `interrupted` if that read fails)",
+)
+def test_an_end_retried_after_its_commit_reply_was_lost_is_told_as_recorded(
+    database_url: str,
+) -> None:
+    with TcpProxy(database_url) as proxy:
+        rows, _, _, told = run(lose_a_commit_reply(proxy))
+        assert proxy.dropped.is_set(), "the proxy never saw the COMMIT"
+    assert told == Ending(rows[1].id, "completed")
 
 
 def test_past_the_storage_timeout_writes_fail_unavailable_and_their_end_is_stored_later(
