@@ -73,9 +73,17 @@ async def stored(conn: AsyncConnection, conversation_id: UUID) -> list[tuple[int
     return await cursor.fetchall()
 
 
-async def notifications(conn: AsyncConnection, seconds: float = 0.3) -> list[tuple[str, str]]:
-    """(channel, payload) of the notifications `conn` (listening) hears within `seconds`."""
-    return [(n.channel, n.payload) async for n in conn.notifies(timeout=seconds)]
+async def notifications(
+    conn: AsyncConnection, about: set[UUID], seconds: float = 0.3
+) -> list[tuple[str, list[UUID]]]:
+    """(channel, ids named) of the notifications `conn` (listening) hears within `seconds`
+    that name any of `about`: other tests' servers notify on the same channels."""
+    heard = []
+    async for notification in conn.notifies(timeout=seconds):
+        named = [UUID(part) for part in notification.payload.split(",")]
+        if about.intersection(named):
+            heard.append((notification.channel, named))
+    return heard
 
 
 def test_inserted_conversations_stream_and_a_retry_returns_the_same_rows(
@@ -176,7 +184,7 @@ def test_chunks_read_back_in_seq_order_whatever_order_they_were_written_in(
 def test_stored_chunks_notify_each_conversation_once_and_only_once_committed(
     database_url: str,
 ) -> None:
-    async def scenario() -> tuple[list[UUID], list[tuple[str, str]], list[tuple[str, str]]]:
+    async def scenario() -> tuple[list[UUID], list[Any], list[tuple[str, list[UUID]]]]:
         async with (
             connected(database_url) as (conn, _),
             await AsyncConnection.connect(database_url, autocommit=True) as listener,
@@ -188,16 +196,17 @@ def test_stored_chunks_notify_each_conversation_once_and_only_once_committed(
             rolled_back = await streaming(conn, owner_id)
             async with conn.transaction(force_rollback=True):
                 await store.insert_chunks(conn, [Chunk(rolled_back, 1, "never")], owner_id)
-            unheard = await notifications(listener)
+            mine = {*ids, refused_id, rolled_back}
+            unheard = await notifications(listener, mine)
             # Two chunks of every conversation, and one of a conversation not the owner's.
             batch = [Chunk(i, seq, "x") for seq in (1, 2) for i in ids]
             await store.insert_chunks(conn, [*batch, Chunk(refused_id, 1, "x")], owner_id)
-            return ids, unheard, await notifications(listener)
+            return ids, unheard, await notifications(listener, mine)
 
     ids, unheard, heard = run(scenario)
     assert unheard == []
     assert {channel for channel, _ in heard} == {"sse_llm_chunks"}
-    named = [UUID(part) for _, payload in heard for part in payload.split(",")]
+    named = [conversation_id for _, payload in heard for conversation_id in payload]
     assert sorted(named) == sorted(ids)  # once each; never the refused one
     # A payload must stay under PostgreSQL's 8000 bytes: 201 ids take two.
     assert len(heard) == 2

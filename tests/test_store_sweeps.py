@@ -49,7 +49,7 @@ def test_a_cancel_is_recorded_once_for_its_owner_to_find_and_names_an_ended_stat
             elsewhere = await streaming(conn, uuid4())
             await store.finish_conversations(conn, [Ending(ended, "failed")], owner_id)
             answers = [await store.request_cancel(pool, i) for i in (cancelled, ended, uuid4())]
-            heard = await notifications(listener)
+            heard = await notifications(listener, {cancelled, untouched, ended, elsewhere})
             await store.request_cancel(pool, elsewhere)
             first_at = await conn.execute(
                 "SELECT cancel_requested_at FROM conversations WHERE id = %s", (cancelled,)
@@ -70,7 +70,7 @@ def test_a_cancel_is_recorded_once_for_its_owner_to_find_and_names_an_ended_stat
     result = run(scenario)
     cancelled, _ = result["ids"]
     assert result["answers"] == ["streaming", "failed", None]
-    assert result["heard"] == [("sse_llm_cancel", str(cancelled))]
+    assert result["heard"] == [("sse_llm_cancel", [cancelled])]
     assert result["again"] == "streaming" and result["same time"]
     # Only this owner's streams whose cancel is recorded: not the other owner's.
     assert result["found"] == [cancelled]
