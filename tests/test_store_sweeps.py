@@ -49,7 +49,8 @@ def test_a_cancel_is_recorded_once_for_its_owner_to_find_and_names_an_ended_stat
             elsewhere = await streaming(conn, uuid4())
             await store.finish_conversations(conn, [Ending(ended, "failed")], owner_id)
             answers = [await store.request_cancel(pool, i) for i in (cancelled, ended, uuid4())]
-            heard = await notifications(listener, {cancelled, untouched, ended, elsewhere})
+            mine = {cancelled, untouched, ended, elsewhere}
+            heard = await notifications(listener, about=mine, until={cancelled})
             await store.request_cancel(pool, elsewhere)
             first_at = await conn.execute(
                 "SELECT cancel_requested_at FROM conversations WHERE id = %s", (cancelled,)
