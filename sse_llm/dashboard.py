@@ -150,7 +150,7 @@ async def conversation_page(request: Request) -> Response:
     context = {
         "conversation": conversation,
         "duration": duration,
-        "review_panel": await review_panel(request, conversation.id),
+        "review_panel": await review_panel(request, conversation),
     }
     return render(request, "conversation.html", context)
 

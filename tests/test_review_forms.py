@@ -153,6 +153,27 @@ def test_a_refused_form_shows_the_error_and_keeps_what_was_typed(
     assert review_count(db, conversation_id) == 0
 
 
+def test_a_verdict_on_a_streaming_answer_says_it_judged_a_part(
+    demo_server: RunningServer, db: psycopg.Connection
+):
+    conversation_id = conversation(db, response="", status="streaming")
+    db.execute("UPDATE conversations SET completed_at = NULL WHERE id = %s", (conversation_id,))
+    page_path = f"/conversations/{conversation_id}"
+    with browser_client(demo_server.url, "ada") as client:
+        assert 'id="review-streaming"' in client.get(page_path).text
+        assert client.post(f"{page_path}/review", data={"verdict": "bad"}).status_code == 303
+        db.execute(
+            "UPDATE conversations SET status = 'completed', completed_at = now() WHERE id = %s",
+            (conversation_id,),
+        )
+        page = client.get(page_path).text
+        assert 'id="review-streaming"' not in page
+        assert "while the answer was streaming" in page
+        # Saved again once it ended, the review judges the whole answer.
+        assert client.post(f"{page_path}/review", data={"verdict": "good"}).status_code == 303
+        assert "while the answer was streaming" not in client.get(page_path).text
+
+
 def test_forms_from_another_site_change_nothing(demo_server: RunningServer, db: psycopg.Connection):
     conversation_id = conversation(db)
     page_path = f"/conversations/{conversation_id}"
