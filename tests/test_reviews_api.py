@@ -536,6 +536,7 @@ def test_with_a_key_a_session_writes_only_as_its_sign_in_name(
         assert put(browser, conversation_id, "ada", {"verdict": "good"}).status_code == 403
         named = browser.post("/reviewer", data={"reviewer": "ada"})
         assert named.status_code == 409 and REVIEWER_COOKIE not in named.cookies
+        assert "You review as <strong><bdi>Zo\u00eb</bdi>" in named.text
     assert review_count(db, conversation_id) == 1
 
 
