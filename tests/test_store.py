@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import store
+from sse_llm import history_queries, store
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
 from tests.conftest import word
 
@@ -292,7 +292,7 @@ def test_history_lists_newest_first_in_pages_filtered_by_status_and_words(
 ) -> None:
     tag, answer_word = word(), word()
 
-    async def scenario() -> tuple[list[UUID], dict[str, store.HistoryPage]]:
+    async def scenario() -> tuple[list[UUID], dict[str, history_queries.HistoryPage]]:
         async with connected(database_url) as (conn, pool):
             owner_id = uuid4()
             # One statement each: each its own creation time.
@@ -300,8 +300,10 @@ def test_history_lists_newest_first_in_pages_filtered_by_status_and_words(
             await store.insert_chunks(conn, [Chunk(ids[1], 1, answer_word)], owner_id)
             await store.finish_conversations(conn, [Ending(ids[1], "completed")], owner_id)
 
-            async def page(**options: Any) -> store.HistoryPage:
-                return await store.list_conversations(pool, **{"limit": 2, "offset": 0, **options})
+            async def page(**options: Any) -> history_queries.HistoryPage:
+                return await history_queries.list_conversations(
+                    pool, **{"limit": 2, "offset": 0, **options}
+                )
 
             return ids, {
                 "first": await page(query=tag),
