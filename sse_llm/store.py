@@ -275,28 +275,39 @@ async def finish_conversations(
     conn: AsyncConnection, ends: Sequence[Ending], owner_id: UUID
 ) -> list[UUID]:
     """Record how generations ended and assemble each response from its chunks, once;
-    return the ids recorded.
+    return the ids whose row records exactly that end.
 
     Fenced like insert_chunks: only conversations still `streaming` and still
     `owner_id`'s change, so a late writer never overwrites an end already recorded (by
     another process's recovery, say). Followers in other processes are notified.
     """
     statement = sql.SQL("""
-        UPDATE conversations AS c
-        SET status = e.status,
-            completed_at = now(),
-            error_code = e.error_code,
-            error_message = e.error_message,
-            response = coalesce(k.response, ''),
-            chunk_count = k.count,
-            first_chunk_at = k.first_at,
-            owner_id = NULL
-        FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
-                    %(messages)s::text[]) AS e(id, status, error_code, error_message)
-        CROSS JOIN LATERAL ({assembled}) AS k
-        WHERE c.id = e.id AND c.owner_id = %(owner_id)s
-          AND c.status IS NOT DISTINCT FROM 'streaming'  -- by key: see insert_chunks
-        RETURNING c.id, pg_notify(%(channel)s, c.id::text)
+        WITH e AS (
+            SELECT * FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
+                                 %(messages)s::text[]) AS e(id, status, error_code, error_message)
+        ), ended AS (
+            UPDATE conversations AS c
+            SET status = e.status,
+                completed_at = now(),
+                error_code = e.error_code,
+                error_message = e.error_message,
+                response = coalesce(k.response, ''),
+                chunk_count = k.count,
+                first_chunk_at = k.first_at,
+                owner_id = NULL
+            FROM e CROSS JOIN LATERAL ({assembled}) AS k
+            WHERE c.id = e.id AND c.owner_id = %(owner_id)s
+              AND c.status IS NOT DISTINCT FROM 'streaming'  -- by key: see insert_chunks
+            RETURNING c.id, pg_notify(%(channel)s, c.id::text)
+        )
+        SELECT id FROM ended
+        UNION ALL
+        -- Already ended exactly so (the snapshot predates `ended`): this end, retried after
+        -- the reply to its commit was lost. Its clients are told what the row says.
+        SELECT c.id FROM e JOIN conversations c ON c.id = e.id
+        WHERE c.owner_id IS NULL AND c.status = e.status
+          AND c.error_code IS NOT DISTINCT FROM e.error_code
+          AND c.error_message IS NOT DISTINCT FROM e.error_message
     """).format(assembled=sql.SQL(_ASSEMBLED_END.format(id="e.id")))
     cursor = await conn.execute(
         statement,

@@ -12,7 +12,6 @@ import time
 from uuid import uuid4
 
 import psycopg
-import pytest
 
 from sse_llm.database import EmbeddedPostgres
 from sse_llm.errors import StorageUnavailable
@@ -185,12 +184,6 @@ def test_a_batch_retried_after_its_commit_reply_was_lost_stores_each_chunk_once(
     assert status.fetchone() == ("completed",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a lost COMMIT reply the retried finish finds its own end recorded and"
-    " returns None, which Writer.finish documents as 'another process settled it first';"
-    " the generation then re-reads the row (and reports `interrupted` if that read fails)",
-)
 def test_an_end_retried_after_its_commit_reply_was_lost_is_told_as_recorded(
     database_url: str,
 ) -> None:
