@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from sse_llm import __version__, history_queries, passages, review_store
+from sse_llm import __version__, access, history_queries, passages, review_store
 from sse_llm.contract import MAX_OFFSET, MAX_QUERY_CHARS, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Status
 from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
@@ -150,13 +150,17 @@ async def conversation_page(request: Request) -> Response:
     # A streaming answer is shown raw (it grows live, and a half-written Markdown table
     # or fence would render wrongly); it is rendered once it has ended.
     view = "raw" if request.query_params.get("view") == "raw" or not ended else "rendered"
+    # Imported here: review_pages builds on this module (render, not_found, this page).
+    from sse_llm.review_pages import review_panel
+
     context: dict[str, Any] = {
         "conversation": conversation,
         "duration": duration,
         "ended": ended,
         "view": view,
         "thread": thread_of(conversation),
-        "reviewer": current_reviewer(request),
+        "reviewer": access.current_reviewer(request) or "",
+        "review_panel": await review_panel(request, conversation.id),
     }
     if view == "rendered":
         context.update(await rendered_texts(request, conversation))
@@ -188,12 +192,6 @@ def thread_of(conversation: history_queries.ConversationDetail) -> list[ThreadMe
         )
         for index, message in enumerate(messages)
     ]
-
-
-def current_reviewer(request: Request) -> str:
-    """The name this browser reviews as: its session's, or "" (the page asks for one)."""
-    session = getattr(request.state, "session", None)
-    return str(session.reviewer) if session is not None else ""
 
 
 def markdown_renderer(request: Request) -> MarkdownRenderer:

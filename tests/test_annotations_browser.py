@@ -19,10 +19,15 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import RunningServer
-from tests.test_dashboard_browser import BrowserPage, browser, tab  # noqa: F401 (fixtures)
+from tests.test_dashboard_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    BrowserPage,
+    tab,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.browser
 
@@ -114,6 +119,20 @@ def add_annotation(
     ).fetchone()
     assert row is not None
     return str(row[0])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Chromium for this module only: Playwright's event loop must not outlive it, or the
+    asyncio tests of the modules after it could not start theirs."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's Chromium is not installed (.ci/run installs it)")
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture

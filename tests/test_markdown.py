@@ -3,7 +3,6 @@ are allow-listed, images are never fetched, and the detail page's two views (iss
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -141,32 +140,32 @@ def test_no_style_attribute_whatever_the_text(renderer: MarkdownRenderer) -> Non
     assert not re.search(r"<[^>]+\son[a-z]+=", html)
 
 
-def test_a_large_text_is_shown_raw_and_a_rendered_one_is_cached() -> None:
+async def test_a_large_text_is_shown_raw_and_a_rendered_one_is_cached() -> None:
     renderer = MarkdownRenderer()
     large = "word " * 20_001  # just over the documented 100,000 characters
-    assert asyncio.run(renderer.render(("id", "response", len(large)), large)) is None
+    assert await renderer.render(("id", "response", len(large)), large) is None
     assert len(renderer) == 0
     at_cap = "w" * MAX_RENDER_CHARS
-    assert asyncio.run(renderer.render(("id", "prompt", len(at_cap)), at_cap)) is not None
+    assert await renderer.render(("id", "prompt", len(at_cap)), at_cap) is not None
 
     text = "**bold** " * 5_000  # 45,000 characters: rendered in a worker thread
     key = ("id", "response", len(text))
     started = time.perf_counter()
-    first = asyncio.run(renderer.render(key, text))
+    first = await renderer.render(key, text)
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    second = asyncio.run(renderer.render(key, text))
+    second = await renderer.render(key, text)
     warm = time.perf_counter() - started
     assert first is not None and first == second
     assert first.count("<strong>bold</strong>") == 5_000
     assert warm < cold / 10, (cold, warm)
 
 
-def test_the_cache_is_bounded_by_its_size() -> None:
+async def test_the_cache_is_bounded_by_its_size() -> None:
     renderer = MarkdownRenderer(cache_chars=1_000)
     for index in range(50):
         text = f"paragraph {index} " * 5
-        asyncio.run(renderer.render((str(index), "response", len(text)), text))
+        await renderer.render((str(index), "response", len(text)), text)
     assert 0 < len(renderer) < 50
     assert sum(len(html) for html in renderer._cache.values()) <= 1_000
 
