@@ -156,10 +156,8 @@ def test_detail_shows_prompt_response_and_timings(client: httpx.Client) -> None:
     # Whitespace kept exactly: the text sits directly inside its pre-wrap element (in one
     # segment, as no annotation cuts it).
     prompt = "line one\n\n    indented line two"
-    assert (
-        f'data-length="{len(prompt)}"><span data-start="0" data-end="{len(prompt)}">{prompt}</span></div>'
-        in page
-    )
+    segment = f'<span data-start="0" data-end="{len(prompt)}">{prompt}</span>'
+    assert f'data-length="{len(prompt)}">{segment}</div>' in page
     answer = stored["response"]
     assert f'<span data-start="0" data-end="{len(answer)}">{escape(answer)}</span></div>' in page
     for label in ("Created", "Completed", "Time to first chunk", "Duration", "Chunks"):
