@@ -21,10 +21,13 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import RunningServer
+from sse_llm.config import Settings
+from tests.conftest import RunningServer, start_server
+from tests.test_dashboard import start_stream
 from tests.test_dashboard_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    RECORD_TEXT,
     BrowserPage,
     tab,  # noqa: F401 (a fixture)
 )
@@ -392,6 +395,35 @@ def test_a_refused_annotation_says_why_and_creates_nothing(
         "SELECT count(*) FROM annotations WHERE conversation_id = %s", (conversation,)
     )
     assert count.fetchone() == (0,)
+
+
+def test_a_streaming_answer_grows_raw_then_renders_when_it_ends(
+    tab: BrowserPage,  # noqa: F811
+    base_settings: Settings,
+) -> None:
+    server = start_server(base_settings.with_changes(demo_tokens=40, demo_tokens_per_second=20))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            conversation_id = start_stream(client, "Render **this** when done")
+        page = tab.page
+        page.goto(f"{server.url}/conversations/{conversation_id}")
+        assert page.locator("#response-rendered, #view-toggle, mark").count() == 0
+        page.evaluate(RECORD_TEXT, "#response")
+
+        expect(page.locator("#live-status")).to_have_text("finished", timeout=20_000)
+        rendered = page.locator("#response-rendered")
+        expect(rendered.locator("p")).to_contain_text("You asked about: Render this when done")
+        expect(page.locator("#response")).to_be_hidden()  # the live raw text, kept hidden
+        expect(page.locator("#view-toggle a")).to_have_attribute(
+            "href", f"/conversations/{conversation_id}?view=raw"
+        )
+        samples: list[str] = page.evaluate("window.textSamples['#response']")
+        assert len({len(sample) for sample in samples}) > 5  # it grew live first
+        stored = httpx.get(f"{server.url}/history/{conversation_id}").json()
+        assert samples[-1] == stored["response"]
+        assert tab.csp_violations() == []
+    finally:
+        server.stop()
 
 
 def take_screenshots(page: Page, url: str) -> None:
