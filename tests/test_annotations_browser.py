@@ -321,8 +321,6 @@ def test_overlapping_annotations_are_highlighted_exactly(
     page.locator(f"#annotation-{inner_id}").hover()
     focused = page.locator("mark.annotated--focus")
     assert "".join(focused.all_text_contents()) == "next line"
-    if os.environ.get("SSE_LLM_SCREENSHOTS"):
-        take_screenshots(page, f"{demo_server.url}/conversations/{conversation}")
 
 
 def test_the_rendered_view_shows_no_highlight_and_fetches_nothing(
@@ -426,16 +424,53 @@ def test_a_streaming_answer_grows_raw_then_renders_when_it_ends(
         server.stop()
 
 
-def take_screenshots(page: Page, url: str) -> None:
-    """The raw view with overlapping annotations and the rendered view, light and dark."""
+SHOWCASE_PROMPT = "Compare EventSource and a fetch() stream for an LLM answer, in a table."
+SHOWCASE_RESPONSE = """## EventSource or fetch()?
+
+Both read **Server-Sent Events**; they differ in what they let you send:
+
+| | EventSource | fetch() stream |
+|:--|:--:|--:|
+| Method | GET only | any |
+| Reconnects | by itself | you write it |
+
+```js
+const source = new EventSource("/conversations/42/stream");
+source.onmessage = (event) => append(JSON.parse(event.data).text);
+```
+
+- Use *EventSource* to follow a conversation: it resumes with `Last-Event-ID`.
+- Use `fetch()` to POST the prompt. See [the spec](https://html.spec.whatwg.org/) \
+  and ![a diagram](https://example.com/sse.png).
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("SSE_LLM_SCREENSHOTS"), reason="SSE_LLM_SCREENSHOTS=1")
+def test_take_screenshots(
+    tab: BrowserPage,  # noqa: F811
+    demo_server: RunningServer,
+    db: psycopg.Connection,
+) -> None:
+    """tests/screenshots/annotations-* (raw view, overlapping annotations) and markdown-*."""
+    conversation_id = insert_conversation(db, SHOWCASE_PROMPT, SHOWCASE_RESPONSE)
+    for label, passage in [
+        ("accuracy", "Reconnects | by itself"),
+        ("tone", "by itself | you write it"),
+        ("good example", "it resumes with `Last-Event-ID`"),
+    ]:
+        start = SHOWCASE_RESPONSE.index(passage)
+        add_annotation(db, conversation_id, "response", start, start + len(passage), label)
+    add_annotation(db, conversation_id, "prompt", 8, 19, "vague")
+    page = tab.page
+    url = f"{demo_server.url}/conversations/{conversation_id}"
     for scheme in ("light", "dark"):
         page.emulate_media(color_scheme=scheme)
         for width in (1280, 375):
             page.set_viewport_size({"width": width, "height": 900})
             page.goto(f"{url}?view=raw")
-            page.screenshot(
-                path=str(SCREENSHOTS / f"annotations-{width}-{scheme}.png"), full_page=True
-            )
+            selected(page, "#response", "GET only")
+            name = f"annotations-{width}-{scheme}.png"
+            page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
             page.goto(url)
             page.screenshot(
                 path=str(SCREENSHOTS / f"markdown-{width}-{scheme}.png"), full_page=True
