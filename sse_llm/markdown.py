@@ -14,8 +14,9 @@ deliberate choices, do not relax them without reading why:
 - No `style` attribute anywhere (the Content-Security-Policy blocks inline styles): table
   alignment becomes a class.
 - Texts over MAX_RENDER_CHARS are not rendered (the page shows them raw): markdown-it-py
-  renders about 350,000 characters a second here, so the cap bounds one page's work to
-  about 0.3 s, done in a worker thread so the event loop never waits for it.
+  renders about 330,000 characters a second here (3,000: 6 ms; 20,000: 45 ms; 100,000:
+  300 ms), so the cap bounds a first view to about 150 ms, under the detail page's p99
+  budget of 250 ms, and puts it in a worker thread so the event loop never waits for it.
 - Rendered HTML is cached (least recently used first out, bounded by total size): an
   ended conversation's text never changes, so its id, field and length name it exactly.
 """
@@ -32,8 +33,8 @@ from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
 from markupsafe import Markup, escape
 
-MAX_RENDER_CHARS = 100_000
-# Rendering below this is faster than handing it to a thread (about 30 ms at the cap).
+MAX_RENDER_CHARS = 50_000
+# Rendering below this (about 25 ms at most) is not worth a thread hop.
 THREAD_ABOVE_CHARS = 10_000
 CACHE_CHARS = 8_000_000  # about 16 MB of str at worst: 80 texts at the cap, thousands of usual ones
 LINK_SCHEMES = ("http:", "https:", "mailto:")

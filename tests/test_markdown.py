@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 
 import httpx
 import psycopg
@@ -142,7 +143,7 @@ def test_no_style_attribute_whatever_the_text(renderer: MarkdownRenderer) -> Non
 
 async def test_a_large_text_is_shown_raw_and_a_rendered_one_is_cached() -> None:
     renderer = MarkdownRenderer()
-    large = "word " * 20_001  # just over the documented 100,000 characters
+    large = "word " * 10_001  # just over the documented 50,000 characters
     assert await renderer.render(("id", "response", len(large)), large) is None
     assert len(renderer) == 0
     at_cap = "w" * MAX_RENDER_CHARS
@@ -235,3 +236,20 @@ def test_v1_thread_shows_every_turn_rendered(client: httpx.Client, db: psycopg.C
     assert "Annotations apply to that message (the stored prompt) and to the answer only" in raw
     assert raw.count('data-field="prompt"') == 1
     assert re.search(r'data-field="prompt"[^>]*><span [^>]*>second question</span>', raw)
+
+
+def test_an_answer_too_large_to_render_is_shown_raw(
+    client: httpx.Client, db: psycopg.Connection
+) -> None:
+    conversation_id = uuid.uuid4()
+    answer = "**not bold** <b>x</b> " * 3_000  # 66,000 characters: over the cap
+    db.execute(
+        "INSERT INTO conversations (id, prompt, response, status, completed_at, model, provider)"
+        " VALUES (%s, '*small*', %s, 'completed', now(), 'demo', 'demo')",
+        (conversation_id, answer),
+    )
+    page = client.get(f"/conversations/{conversation_id}").text
+    assert "<em>small</em>" in page  # the prompt is small enough
+    assert "Over 50,000 characters: shown as raw text, not rendered." in page
+    assert "<strong>" not in page
+    assert '<div class="text text--response">**not bold** &lt;b&gt;x&lt;/b&gt; **not' in page
