@@ -253,3 +253,20 @@ def test_an_answer_too_large_to_render_is_shown_raw(
     assert "Over 50,000 characters: shown as raw text, not rendered." in page
     assert "<strong>" not in page
     assert '<div class="text text--response">**not bold** &lt;b&gt;x&lt;/b&gt; **not' in page
+
+
+def test_hostile_annotations_are_escaped_in_the_raw_view(
+    client: httpx.Client, db: psycopg.Connection
+) -> None:
+    conversation_id = create(client, 'a "quoted" <b>prompt</b>')
+    hostile = '"><script>window.pwned = 1</script>'
+    db.execute(
+        "INSERT INTO annotations (conversation_id, reviewer, field, start_offset, end_offset,"
+        " label, note) VALUES (%s, %s, 'prompt', 2, 10, %s, %s)",
+        (conversation_id, hostile[:30], hostile[:40], hostile),
+    )
+    page = client.get(f"/conversations/{conversation_id}", params={"view": "raw"}).text
+    assert "<script>window" not in page
+    assert 'title="&#34;&gt;&lt;script&gt;window.pwned = 1&lt;/script&gt;"' in page
+    assert '<mark class="annotated annotated--1" data-start="2" data-end="10"' in page
+    assert ">&#34;quoted&#34;</mark>" in page or ">&quot;quoted&quot;</mark>" in page
