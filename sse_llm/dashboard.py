@@ -7,6 +7,7 @@ a streaming conversation live and runs the playground.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -19,6 +20,7 @@ from uuid import UUID
 
 import jinja2
 import psycopg
+from markupsafe import Markup
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,7 +32,7 @@ from sse_llm.contract import MAX_OFFSET, MAX_QUERY_CHARS, PAGE_SIZE_DEFAULT, PAG
 from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
 from sse_llm.history_queries import HIT_START, HIT_STOP
-from sse_llm.markdown import MAX_RENDER_CHARS, MarkdownRenderer
+from sse_llm.markdown import MAX_RENDER_CHARS, THREAD_ABOVE_CHARS, MarkdownRenderer
 from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
 from sse_llm.service import service_of
@@ -196,7 +198,7 @@ def thread_of(conversation: history_queries.ConversationDetail) -> list[ThreadMe
 
 def markdown_renderer(request: Request) -> MarkdownRenderer:
     """The app's one renderer (and its cache), kept with the templates it serves."""
-    renderer = service_of(request).templates.env.globals["markdown"]
+    renderer = service_of(request).templates.env.globals["markdown_renderer"]
     assert isinstance(renderer, MarkdownRenderer)
     return renderer
 
@@ -238,11 +240,19 @@ async def annotated_texts(
     # Labels already in use, for the label field's autocomplete (a bounded read).
     labels = await review_store.labels_in_use(service.query_pool) if ended else []
     return {
-        "prompt_segments": passages.render(conversation.prompt, by_field["prompt"]),
-        "response_segments": passages.render(conversation.response, by_field["response"]),
+        "prompt_segments": await segments(conversation.prompt, by_field["prompt"]),
+        "response_segments": await segments(conversation.response, by_field["response"]),
         "annotations": listed,
         "label_choices": sorted({*labels, *(a.label for a in annotations)}),
     }
+
+
+async def segments(text: str, annotations: list[review_store.Annotation]) -> Markup:
+    """passages.render, in a worker thread for a long text (about 8 ms per 10,000
+    characters of CR LF text): the raw view has no size cap, the event loop must not wait."""
+    if len(text) > THREAD_ABOVE_CHARS:
+        return await asyncio.to_thread(passages.render, text, annotations)
+    return passages.render(text, annotations)
 
 
 async def playground_page(request: Request) -> Response:
@@ -324,7 +334,7 @@ def create_templates() -> Jinja2Templates:
         lstrip_blocks=True,
     )
     environment.globals["version"] = __version__
-    environment.globals["markdown"] = MarkdownRenderer()  # one per app, with its cache
+    environment.globals["markdown_renderer"] = MarkdownRenderer()  # one per app, with its cache
     environment.filters["hits"] = split_hits
     environment.filters["utc"] = format_utc
     environment.filters["seconds"] = format_seconds

@@ -3,9 +3,13 @@ are allow-listed, images are never fetched, and the detail page's two views (iss
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -16,10 +20,19 @@ from sse_llm.passages import split
 from sse_llm.review_store import Annotation
 from tests.conftest import create
 
+T = TypeVar("T")
+
 
 @pytest.fixture(scope="module")
 def renderer() -> MarkdownRenderer:
     return MarkdownRenderer()
+
+
+def run(awaitable: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a loop of its own thread: a browser test's Playwright may hold
+    this thread's loop (its session fixture lives on), and asyncio allows one per thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, awaitable).result()
 
 
 def html_of(renderer: MarkdownRenderer, text: str) -> str:
@@ -141,32 +154,32 @@ def test_no_style_attribute_whatever_the_text(renderer: MarkdownRenderer) -> Non
     assert not re.search(r"<[^>]+\son[a-z]+=", html)
 
 
-async def test_a_large_text_is_shown_raw_and_a_rendered_one_is_cached() -> None:
+def test_a_large_text_is_shown_raw_and_a_rendered_one_is_cached() -> None:
     renderer = MarkdownRenderer()
     large = "word " * 10_001  # just over the documented 50,000 characters
-    assert await renderer.render(("id", "response", len(large)), large) is None
+    assert run(renderer.render(("id", "response", len(large)), large)) is None
     assert len(renderer) == 0
     at_cap = "w" * MAX_RENDER_CHARS
-    assert await renderer.render(("id", "prompt", len(at_cap)), at_cap) is not None
+    assert run(renderer.render(("id", "prompt", len(at_cap)), at_cap)) is not None
 
     text = "**bold** " * 5_000  # 45,000 characters: rendered in a worker thread
     key = ("id", "response", len(text))
     started = time.perf_counter()
-    first = await renderer.render(key, text)
+    first = run(renderer.render(key, text))
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    second = await renderer.render(key, text)
+    second = run(renderer.render(key, text))
     warm = time.perf_counter() - started
     assert first is not None and first == second
     assert first.count("<strong>bold</strong>") == 5_000
     assert warm < cold / 10, (cold, warm)
 
 
-async def test_the_cache_is_bounded_by_its_size() -> None:
+def test_the_cache_is_bounded_by_its_size() -> None:
     renderer = MarkdownRenderer(cache_chars=1_000)
     for index in range(50):
         text = f"paragraph {index} " * 5
-        await renderer.render((str(index), "response", len(text)), text)
+        run(renderer.render((str(index), "response", len(text)), text))
     assert 0 < len(renderer) < 50
     assert sum(len(html) for html in renderer._cache.values()) <= 1_000
 
