@@ -364,6 +364,7 @@ async def set_reviewer(request: Request) -> Response:
         "error": None,
     }
     if context["signed_in"]:
+        context["reviewer"] = current_reviewer(request) or ""
         context["error"] = "Your name is the one given at sign-in: sign out to change it."
         return render(request, "reviewer.html", context, status_code=409)
     try:

@@ -162,7 +162,7 @@ async def conversation_page(request: Request) -> Response:
         "view": view,
         "thread": thread_of(conversation),
         "reviewer": access.current_reviewer(request) or "",
-        "review_panel": await review_panel(request, conversation.id),
+        "review_panel": await review_panel(request, conversation),
     }
     if view == "rendered":
         context.update(await rendered_texts(request, conversation))

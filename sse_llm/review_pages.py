@@ -18,9 +18,10 @@ from starlette.routing import BaseRoute, Route
 
 from sse_llm import dashboard, review_store, reviews
 from sse_llm.access import current_reviewer
-from sse_llm.contract import Verdict
+from sse_llm.contract import Status, Verdict
 from sse_llm.review_store import Review
 from sse_llm.service import service_of
+from sse_llm.store import Conversation
 
 # A note of 4,000 characters of 4-byte UTF-8, percent-encoded, is 48 KB; with room to spare.
 MAX_FORM_BYTES = 128 * 1024
@@ -48,7 +49,10 @@ class ReviewPanel:
     """Everything templates/_reviews.html needs."""
 
     conversation_id: UUID
+    streaming: bool  # the form says that a verdict judges the answer so far
     reviews: list[Review]
+    # Reviews last saved before the answer ended (shown as such): they judged a part.
+    partial: frozenset[str]
     reviewer: str | None  # who this browser reviews as; None: no name given yet
     ask_name: bool  # open mode without a name: show the "who are you?" form
     can_rename: bool  # open mode: the name is this browser's cookie, changed on /reviewer
@@ -59,8 +63,9 @@ class ReviewPanel:
     here: str  # this page, for the forms' way back
 
 
-async def review_panel(request: Request, conversation_id: UUID) -> ReviewPanel:
+async def review_panel(request: Request, conversation: Conversation) -> ReviewPanel:
     """The reviews of a conversation and this reviewer's form (a refused one kept as typed)."""
+    conversation_id = conversation.id
     pool = service_of(request).pool
     items = await review_store.list_reviews(pool, conversation_id) or []
     reviewer = current_reviewer(request)
@@ -71,7 +76,9 @@ async def review_panel(request: Request, conversation_id: UUID) -> ReviewPanel:
     open_mode = not service_of(request).settings.api_key
     return ReviewPanel(
         conversation_id=conversation_id,
+        streaming=conversation.status == Status.STREAMING,
         reviews=items,
+        partial=judged_while_streaming(conversation, items),
         reviewer=reviewer,
         ask_name=reviewer is None and open_mode,
         can_rename=reviewer is not None and open_mode,
@@ -81,6 +88,16 @@ async def review_panel(request: Request, conversation_id: UUID) -> ReviewPanel:
         verdicts=list(Verdict),
         here=f"/conversations/{conversation_id}",
     )
+
+
+def judged_while_streaming(conversation: Conversation, items: list[Review]) -> frozenset[str]:
+    """The reviewers whose review was last saved before the answer ended."""
+    if conversation.status == Status.STREAMING:
+        return frozenset(review.reviewer for review in items)
+    ended = conversation.completed_at
+    if ended is None:
+        return frozenset()
+    return frozenset(review.reviewer for review in items if review.updated_at < ended)
 
 
 async def read_form(request: Request) -> dict[str, str] | None:

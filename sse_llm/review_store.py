@@ -2,15 +2,16 @@
 
 Apart from store.py (the streaming path) and history_queries.py (the history's reads):
 nothing here runs while a chunk is generated, written or sent. Every statement reads or
-writes a handful of rows by primary key or by index, so they run on the main pool.
+writes a handful of rows by primary key or by index (the main pool), but list_reviewers,
+whose cost grows with the reviews (13.5 ms at 100,000): its route uses the query pool.
 
 Decisions worth knowing:
 - A conversation still streaming may be reviewed and annotated. Its answer only grows
   (chunks are appended, never rewritten, and every end keeps what was persisted), so a
   passage annotated now is the same passage once it ends; and a reviewer watching an
   answer go wrong live should be able to say so at once, not wait for the end (up to
-  LLM_TOTAL_TIMEOUT). The review queue serves only ended ones; the page says when an
-  answer was judged while streaming (its status is beside the review).
+  LLM_TOTAL_TIMEOUT). The review queue serves only ended ones; the detail page says
+  so while it streams, and marks a review last saved before the answer ended.
 - A missing conversation is told apart from "no reviews" in the same statement (a LEFT
   JOIN from the conversation), so a read is one round trip and cannot race a delete.
 """

@@ -154,7 +154,8 @@ async def list_reviews(request: Request) -> Response:
 
 async def list_reviewers(request: Request) -> Response:
     """GET /reviewers: everyone who holds a review, with a count and the latest time."""
-    items = await review_store.list_reviewers(service_of(request).pool)
+    # Its cost grows with the reviews (13.5 ms at 100,000): the query pool, under its timeout.
+    items = await review_store.list_reviewers(service_of(request).query_pool)
     return JSONResponse(
         {
             "items": [

@@ -4,21 +4,28 @@ edited and deleted through plain HTML forms, without JavaScript; then once in Ch
 from __future__ import annotations
 
 import html
+import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from urllib.parse import quote
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import expect, sync_playwright
 
 from sse_llm.access import COOKIE_NAME, REVIEWER_COOKIE
 from sse_llm.config import Settings
 from tests.conftest import RunningServer, start_server, word
-from tests.test_dashboard_browser import BrowserPage, browser, tab  # noqa: F401 (fixtures)
+from tests.test_dashboard_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    RECORD_CSP_VIOLATIONS,
+    BrowserPage,
+)
 from tests.test_reviews_api import HOSTILE, conversation, review_count
 
 KEY = "review forms key"
@@ -146,6 +153,27 @@ def test_a_refused_form_shows_the_error_and_keeps_what_was_typed(
     assert review_count(db, conversation_id) == 0
 
 
+def test_a_verdict_on_a_streaming_answer_says_it_judged_a_part(
+    demo_server: RunningServer, db: psycopg.Connection
+):
+    conversation_id = conversation(db, response="", status="streaming")
+    db.execute("UPDATE conversations SET completed_at = NULL WHERE id = %s", (conversation_id,))
+    page_path = f"/conversations/{conversation_id}"
+    with browser_client(demo_server.url, "ada") as client:
+        assert 'id="review-streaming"' in client.get(page_path).text
+        assert client.post(f"{page_path}/review", data={"verdict": "bad"}).status_code == 303
+        db.execute(
+            "UPDATE conversations SET status = 'completed', completed_at = now() WHERE id = %s",
+            (conversation_id,),
+        )
+        page = client.get(page_path).text
+        assert 'id="review-streaming"' not in page
+        assert "while the answer was streaming" in page
+        # Saved again once it ended, the review judges the whole answer.
+        assert client.post(f"{page_path}/review", data={"verdict": "good"}).status_code == 303
+        assert "while the answer was streaming" not in client.get(page_path).text
+
+
 def test_forms_from_another_site_change_nothing(demo_server: RunningServer, db: psycopg.Connection):
     conversation_id = conversation(db)
     page_path = f"/conversations/{conversation_id}"
@@ -201,15 +229,51 @@ def test_with_a_key_the_form_writes_as_the_sign_in_name(
         assert "Sign in in a browser to review" in page and 'id="review-form"' not in page
 
 
+def in_chromium(scenario: Callable[[BrowserPage], None]) -> None:
+    """Run `scenario` in a fresh Chromium tab; fail on a console error or CSP violation.
+
+    In a thread of its own: Playwright's sync API runs one instance per thread, and the
+    dashboard tests' session-wide browser may be open in this one.
+    """
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's Chromium is not installed (.ci/run installs it)")
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
+
+    def run() -> None:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(15_000)
+            context.add_init_script(RECORD_CSP_VIOLATIONS)
+            tab = BrowserPage(context.new_page(), context)
+            tab.page.on("console", tab.on_console)
+            tab.page.on("pageerror", lambda error: tab.problems.append(f"uncaught: {error}"))
+            try:
+                scenario(tab)
+                assert tab.csp_violations() == []
+            finally:
+                browser.close()
+            assert tab.problems == []
+
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(run).result()
+
+
 @pytest.mark.browser
 def test_reviewing_in_chromium_with_hostile_text(
-    tab: BrowserPage,  # noqa: F811
-    demo_server: RunningServer,
-    db: psycopg.Connection,
+    demo_server: RunningServer, db: psycopg.Connection
 ):
     conversation_id = conversation(db, prompt=f"Review me {word()}")
+    in_chromium(lambda tab: review_in_chromium(tab, demo_server.url, conversation_id, db))
+
+
+def review_in_chromium(
+    tab: BrowserPage, url: str, conversation_id: str, db: psycopg.Connection
+) -> None:
+    """Give a name, save, edit and delete a review, all with hostile text."""
     page = tab.page
-    page.goto(f"{demo_server.url}/conversations/{conversation_id}")
+    page.goto(f"{url}/conversations/{conversation_id}")
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
@@ -230,6 +294,13 @@ def test_reviewing_in_chromium_with_hostile_text(
     expect(review.locator(".review__note")).to_have_text(HOSTILE)
     expect(page.get_by_label("Labels")).to_have_value("<script>alert(2)</script>, tone")
 
+    # Autocomplete offers the labels in use for the label being typed, after a comma too.
+    page.get_by_label("Labels").fill("zz-other, TO")
+    options = page.locator("#review-label-options option")
+    expect(options.first).to_be_attached()
+    offered = options.evaluate_all("(all) => all.map((option) => option.value)")
+    assert "zz-other, tone" in offered and all(o.startswith("zz-other, ") for o in offered)
+
     page.get_by_label("good", exact=True).check()
     page.get_by_label("Note").fill("On second thought, fine.")
     page.get_by_role("button", name="Save changes").click()
@@ -241,4 +312,3 @@ def test_reviewing_in_chromium_with_hostile_text(
     expect(page.locator(".review")).to_have_count(0)
     assert review_count(db, conversation_id) == 0
     assert dialogs == []  # nothing the reviewer typed ran
-    assert tab.csp_violations() == []

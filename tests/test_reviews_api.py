@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 import psycopg
 import pytest
+from openapi_spec_validator import validate
 
 from sse_llm.access import COOKIE_NAME, REVIEWER_COOKIE
 from sse_llm.config import Settings
@@ -535,6 +536,7 @@ def test_with_a_key_a_session_writes_only_as_its_sign_in_name(
         assert put(browser, conversation_id, "ada", {"verdict": "good"}).status_code == 403
         named = browser.post("/reviewer", data={"reviewer": "ada"})
         assert named.status_code == 409 and REVIEWER_COOKIE not in named.cookies
+        assert "You review as <strong><bdi>Zo\u00eb</bdi>" in named.text
     assert review_count(db, conversation_id) == 1
 
 
@@ -551,3 +553,24 @@ def test_with_a_key_bearer_clients_write_any_name(
         assert put(stranger, conversation_id, "eve", {"verdict": "bad"}).status_code == 401
         assert stranger.get(f"/conversations/{conversation_id}/reviews").status_code == 401
     assert review_count(db, conversation_id) == 2
+
+
+def test_openapi_describes_the_review_routes(demo_server: RunningServer):
+    document = httpx.get(f"{demo_server.url}/openapi.json").json()
+    validate(document)
+    paths = document["paths"]
+    assert set(paths["/conversations/{conversation_id}/reviews/{reviewer}"]) == {"put", "delete"}
+    assert set(paths["/conversations/{conversation_id}/annotations"]) == {"get", "post"}
+    assert "delete" in paths["/conversations/{conversation_id}/annotations/{annotation_id}"]
+    assert "get" in paths["/conversations/{conversation_id}/reviews"]
+    assert "get" in paths["/reviewers"]
+    schemas = document["components"]["schemas"]
+    assert set(schemas["Review"]["required"]) == {
+        "conversation_id",
+        "reviewer",
+        "verdict",
+        "labels",
+        "note",
+        "created_at",
+        "updated_at",
+    }
