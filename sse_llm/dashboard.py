@@ -7,6 +7,7 @@ a streaming conversation live and runs the playground.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -19,17 +20,19 @@ from uuid import UUID
 
 import jinja2
 import psycopg
+from markupsafe import Markup
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from sse_llm import __version__, history_queries
+from sse_llm import __version__, access, history_queries, passages, review_store
 from sse_llm.contract import MAX_OFFSET, MAX_QUERY_CHARS, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Status
 from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
 from sse_llm.history_queries import HIT_START, HIT_STOP
+from sse_llm.markdown import MAX_RENDER_CHARS, THREAD_ABOVE_CHARS, MarkdownRenderer
 from sse_llm.providers.base import message_text
 from sse_llm.resources import resource_dir
 from sse_llm.service import service_of
@@ -130,7 +133,8 @@ async def history_page(request: Request) -> Response:
 
 
 async def conversation_page(request: Request) -> Response:
-    """GET /conversations/{id}: one conversation; app.js follows it live while it streams."""
+    """GET /conversations/{id}: one conversation, as Markdown or (`?view=raw`) as raw text
+    with its annotations; app.js follows it live while it streams."""
     try:
         conversation_id = UUID(request.path_params["conversation_id"])
     except ValueError:
@@ -144,15 +148,111 @@ async def conversation_page(request: Request) -> Response:
     duration = None
     if conversation.completed_at is not None:
         duration = (conversation.completed_at - conversation.created_at).total_seconds()
+    ended = conversation.status != Status.STREAMING
+    # A streaming answer is shown raw (it grows live, and a half-written Markdown table
+    # or fence would render wrongly); it is rendered once it has ended.
+    view = "raw" if request.query_params.get("view") == "raw" or not ended else "rendered"
     # Imported here: review_pages builds on this module (render, not_found, this page).
     from sse_llm.review_pages import review_panel
 
-    context = {
+    context: dict[str, Any] = {
         "conversation": conversation,
         "duration": duration,
+        "ended": ended,
+        "view": view,
+        "thread": thread_of(conversation),
+        "reviewer": access.current_reviewer(request) or "",
         "review_panel": await review_panel(request, conversation),
     }
+    if view == "rendered":
+        context.update(await rendered_texts(request, conversation))
+    else:
+        context.update(await annotated_texts(request, conversation, ended))
     return render(request, "conversation.html", context)
+
+
+@dataclass(frozen=True)
+class ThreadMessage:
+    """One turn of a /v1 conversation's message thread, as the page shows it."""
+
+    role: str
+    name: str
+    text: str
+    is_prompt: bool  # the last user message: the stored `prompt`, which annotations cover
+
+
+def thread_of(conversation: history_queries.ConversationDetail) -> list[ThreadMessage]:
+    """The messages a /v1 call sent (empty for /stream), the last user turn marked."""
+    messages = conversation.messages or []
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return [
+        ThreadMessage(
+            role=str(message.get("role", "")),
+            name=str(message.get("name") or ""),
+            text=message_text(message.get("content")),
+            is_prompt=index == last_user,
+        )
+        for index, message in enumerate(messages)
+    ]
+
+
+def markdown_renderer(request: Request) -> MarkdownRenderer:
+    """The app's one renderer (and its cache), kept with the templates it serves."""
+    renderer = service_of(request).templates.env.globals["markdown_renderer"]
+    assert isinstance(renderer, MarkdownRenderer)
+    return renderer
+
+
+async def rendered_texts(
+    request: Request, conversation: history_queries.ConversationDetail
+) -> dict[str, Any]:
+    """The prompt, the answer and each thread message as Markdown (None: too large)."""
+    renderer = markdown_renderer(request)
+    key = str(conversation.id)
+    thread = thread_of(conversation)
+    return {
+        "prompt_html": await renderer.render(
+            (key, "prompt", len(conversation.prompt)), conversation.prompt
+        ),
+        "response_html": await renderer.render(
+            (key, "response", len(conversation.response)), conversation.response
+        ),
+        "thread_html": [
+            await renderer.render((key, f"message-{i}", len(m.text)), m.text)
+            for i, m in enumerate(thread)
+        ],
+        "max_render_chars": MAX_RENDER_CHARS,
+    }
+
+
+async def annotated_texts(
+    request: Request, conversation: history_queries.ConversationDetail, ended: bool
+) -> dict[str, Any]:
+    """The prompt and the answer cut into segments at their annotations, and the list."""
+    service = service_of(request)
+    found = await review_store.list_annotations(service.pool, conversation.id)
+    annotations = found or []
+    by_field = {
+        field: [a for a in annotations if a.field == field] for field in ("prompt", "response")
+    }
+    texts = {"prompt": conversation.prompt, "response": conversation.response}
+    listed = [(a, passages.quote(texts.get(a.field, ""), a)) for a in annotations]
+    # Labels already in use, for the label field's autocomplete (a bounded read).
+    labels = await review_store.labels_in_use(service.query_pool) if ended else []
+    return {
+        "prompt_segments": await segments(conversation.prompt, by_field["prompt"]),
+        "response_segments": await segments(conversation.response, by_field["response"]),
+        "annotations": listed,
+        "label_choices": sorted({*labels, *(a.label for a in annotations)}),
+    }
+
+
+async def segments(text: str, annotations: list[review_store.Annotation]) -> Markup:
+    """passages.render, in a worker thread for a long text (about 8 ms per 10,000
+    characters of CR LF text): the raw view has no size cap, the event loop must not wait."""
+    if len(text) > THREAD_ABOVE_CHARS:
+        return await asyncio.to_thread(passages.render, text, annotations)
+    return passages.render(text, annotations)
 
 
 async def playground_page(request: Request) -> Response:
@@ -234,6 +334,7 @@ def create_templates() -> Jinja2Templates:
         lstrip_blocks=True,
     )
     environment.globals["version"] = __version__
+    environment.globals["markdown_renderer"] = MarkdownRenderer()  # one per app, with its cache
     environment.filters["hits"] = split_hits
     environment.filters["utc"] = format_utc
     environment.filters["seconds"] = format_seconds

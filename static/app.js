@@ -1,8 +1,11 @@
-// sse-llm dashboard: the only script the pages load (the Content-Security-Policy allows
-// no other). The pages work without it; it adds two things:
-// - a streaming conversation's page follows the answer live (EventSource);
+// sse-llm dashboard: the script every page loads (the Content-Security-Policy allows only
+// scripts from /static; the detail page's raw view also loads annotate.js). The pages
+// work without it; it adds two things:
+// - a streaming conversation's page follows the answer live (EventSource), then shows
+//   it rendered (Markdown) once it ends;
 // - the playground sends a prompt to POST /stream and shows the answer as it streams.
-// Text from the server is only ever inserted as text (append / textContent), never as HTML.
+// Streamed text is only ever inserted as text (append / textContent), never as HTML; HTML
+// comes only as elements of the server's own page (fetched, parsed, adopted).
 
 const response = document.getElementById("response");
 if (response?.dataset.follow) followConversation(response);
@@ -63,8 +66,24 @@ async function refreshFacts() {
       const replacement = fresh.getElementById(id);
       if (current && replacement) current.replaceWith(document.adoptNode(replacement));
     }
+    showRendered(fresh);
   } catch {
     // The live text is already complete; stale timings until a reload are acceptable.
+  }
+}
+
+/** Once a stream has ended, show the answer as the server renders it (Markdown) in place
+ * of the live raw text, which stays in the page, hidden. */
+function showRendered(fresh) {
+  const live = document.getElementById("response");
+  const rendered = fresh.getElementById("response-rendered");
+  if (!live || !rendered || document.getElementById("response-rendered")) return;
+  live.before(document.adoptNode(rendered));
+  live.hidden = true;
+  const reading = document.querySelector(".reading");
+  for (const id of ["view-toggle", "view-note"]) {
+    const part = fresh.getElementById(id);
+    if (part && reading) reading.before(document.adoptNode(part));
   }
 }
 

@@ -151,11 +151,15 @@ def test_detail_shows_prompt_response_and_timings(client: httpx.Client) -> None:
     conversation_id = create(client, "  line one\n\n    indented line two  ")
     stored = client.get(f"/history/{conversation_id}").json()
 
-    page = client.get(f"/conversations/{conversation_id}").text
+    page = client.get(f"/conversations/{conversation_id}", params={"view": "raw"}).text
 
-    # Whitespace kept exactly: the text sits directly inside its pre-wrap element.
-    assert '<div class="text text--prompt">line one\n\n    indented line two</div>' in page
-    assert f'id="response">{escape(stored["response"])}</div>' in page
+    # Whitespace kept exactly: the text sits directly inside its pre-wrap element (in one
+    # segment, as no annotation cuts it).
+    prompt = "line one\n\n    indented line two"
+    segment = f'<span data-start="0" data-end="{len(prompt)}">{prompt}</span>'
+    assert f'data-length="{len(prompt)}">{segment}</div>' in page
+    answer = stored["response"]
+    assert f'<span data-start="0" data-end="{len(answer)}">{escape(answer)}</span></div>' in page
     for label in ("Created", "Completed", "Time to first chunk", "Duration", "Chunks"):
         assert f"<dt>{label}</dt>" in page
     assert f'<dd id="chunks">{stored["chunks"]}</dd>' in page

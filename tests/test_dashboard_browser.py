@@ -204,7 +204,7 @@ def test_playground_streams_the_answer_then_links_to_it(
     assert page.locator("#answer").text_content() == stored["response"]
 
     link.click()
-    expect(page.locator("#response")).to_have_text(stored["response"])
+    expect(page.locator("#response-rendered")).to_have_text(stored["response"])  # Markdown
 
 
 def test_streaming_detail_follows_live_and_survives_a_reconnect(
