@@ -17,12 +17,20 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, sync_playwright
 from psycopg import sql
 
 from sse_llm.app import create_app
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres, apply_migrations
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
+from tests.browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    RECORD_CSP_VIOLATIONS,
+    BrowserPage,
+    require_chromium,
+)
 from tests.fake_upstream import FakeUpstream
 from tests.sse_client import stream_prompt
 from tests.support import free_port, wait_until
@@ -184,3 +192,30 @@ def create(client: httpx.Client, prompt: str) -> str:
     response, events = stream_prompt(client, prompt)
     assert events[-1].event == "done"
     return response.headers["x-conversation-id"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Chromium for one test module. Not for the session: Playwright's sync API keeps an
+    event loop on this thread while it runs, and the asyncio tests of later modules could
+    not start theirs."""
+    require_chromium()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def tab(browser: Browser) -> Iterator[BrowserPage]:
+    """A fresh page; the test fails on any problem the page had (but `tab.expected` ones)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    context.add_init_script(RECORD_CSP_VIOLATIONS)
+    page = context.new_page()
+    tab = BrowserPage(page, context)
+    page.on("console", tab.on_console)
+    page.on("pageerror", lambda error: tab.problems.append(f"uncaught: {error}"))
+    yield tab
+    context.close()
+    assert [p for p in tab.problems if not any(e in p for e in tab.expected)] == []

@@ -19,18 +19,13 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from sse_llm.config import Settings
+from tests.browser import BrowserPage
 from tests.conftest import RunningServer, start_server
 from tests.test_dashboard import start_stream
-from tests.test_dashboard_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    RECORD_TEXT,
-    BrowserPage,
-    tab,  # noqa: F401 (a fixture)
-)
+from tests.test_dashboard_browser import RECORD_TEXT
 
 pytestmark = pytest.mark.browser
 
@@ -124,27 +119,13 @@ def add_annotation(
     return str(row[0])
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Chromium for this module only: Playwright's event loop must not outlive it, or the
-    asyncio tests of the modules after it could not start theirs."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("Debian's Chromium is not installed (.ci/run installs it)")
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def conversation(db: psycopg.Connection) -> Iterator[UUID]:
     yield insert_conversation(db, PROMPT, RESPONSE)
 
 
 @pytest.fixture
-def requests_seen(tab: BrowserPage) -> list[str]:  # noqa: F811
+def requests_seen(tab: BrowserPage) -> list[str]:
     seen: list[str] = []
     tab.page.on("request", lambda request: seen.append(request.url))
     return seen
@@ -185,7 +166,7 @@ def open_raw(page: Page, server: RunningServer, conversation_id: UUID) -> None:
     ],
 )
 def test_a_selection_becomes_the_stored_texts_code_point_offsets(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     conversation: UUID,
     selector: str,
@@ -201,7 +182,7 @@ def test_a_selection_becomes_the_stored_texts_code_point_offsets(
 
 
 def test_a_selection_is_clamped_to_its_text_and_must_stay_in_one(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     conversation: UUID,
 ) -> None:
@@ -248,7 +229,7 @@ def test_a_selection_is_clamped_to_its_text_and_must_stay_in_one(
 
 
 def test_annotate_a_selected_passage_then_see_it_after_a_reload(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     conversation: UUID,
     requests_seen: list[str],
@@ -287,7 +268,7 @@ def test_annotate_a_selected_passage_then_see_it_after_a_reload(
 
 
 def test_overlapping_annotations_are_highlighted_exactly(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     db: psycopg.Connection,
     conversation: UUID,
@@ -324,7 +305,7 @@ def test_overlapping_annotations_are_highlighted_exactly(
 
 
 def test_the_rendered_view_shows_no_highlight_and_fetches_nothing(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     db: psycopg.Connection,
     conversation: UUID,
@@ -356,7 +337,7 @@ def test_the_rendered_view_shows_no_highlight_and_fetches_nothing(
 
 
 def test_an_annotation_is_deleted_from_the_list(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     db: psycopg.Connection,
     conversation: UUID,
@@ -374,7 +355,7 @@ def test_an_annotation_is_deleted_from_the_list(
 
 
 def test_a_refused_annotation_says_why_and_creates_nothing(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     db: psycopg.Connection,
     conversation: UUID,
@@ -396,7 +377,7 @@ def test_a_refused_annotation_says_why_and_creates_nothing(
 
 
 def test_a_streaming_answer_grows_raw_then_renders_when_it_ends(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     base_settings: Settings,
 ) -> None:
     server = start_server(base_settings.with_changes(demo_tokens=40, demo_tokens_per_second=20))
@@ -447,7 +428,7 @@ source.onmessage = (event) => append(JSON.parse(event.data).text);
 
 @pytest.mark.skipif(not os.environ.get("SSE_LLM_SCREENSHOTS"), reason="SSE_LLM_SCREENSHOTS=1")
 def test_take_screenshots(
-    tab: BrowserPage,  # noqa: F811
+    tab: BrowserPage,
     demo_server: RunningServer,
     db: psycopg.Connection,
 ) -> None:

@@ -8,51 +8,27 @@ system's /usr/bin/chromium (`apt-get install chromium`; .ci/run does it).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import suppress
-from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from playwright.sync_api import (
-    Browser,
-    BrowserContext,
-    ConsoleMessage,
-    Page,
     Request,
     expect,
-    sync_playwright,
 )
 
 from sse_llm.config import Settings
+from tests.browser import BrowserPage
 from tests.conftest import RunningServer, start_server
 from tests.test_dashboard import HOSTILE_PROMPT, create, start_stream, word
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-# Collects the page's CSP violations (Chromium also logs them as console errors).
-RECORD_CSP_VIOLATIONS = """
-window.cspViolations = [];
-document.addEventListener("securitypolicyviolation", (event) => {
-  window.cspViolations.push(`${event.violatedDirective} blocked ${event.blockedURI}`);
-});
-"""
 # Records every text the element takes, to see an answer grow (runs outside the page's CSP).
 RECORD_TEXT = """
 (selector) => {
@@ -112,50 +88,6 @@ class DroppingProxy:
                 sink.sendall(data)
         with suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):  # a skip would pass CI without the browser tests
-            pytest.fail("Debian's Chromium is not installed (.ci/run installs it)")
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@dataclass
-class BrowserPage:
-    """A fresh page, and what went wrong in it: console errors and uncaught exceptions."""
-
-    page: Page
-    context: BrowserContext
-    problems: list[str] = field(default_factory=list)
-    expected: list[str] = field(default_factory=list)  # problems a test causes on purpose
-
-    def on_console(self, message: ConsoleMessage) -> None:
-        if message.type in ("error", "warning"):
-            self.problems.append(f"console {message.type}: {message.text}")
-
-    def csp_violations(self) -> list[str]:
-        violations: list[str] = self.page.evaluate("window.cspViolations")
-        return violations
-
-
-@pytest.fixture
-def tab(browser: Browser) -> Iterator[BrowserPage]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(15_000)
-    context.add_init_script(RECORD_CSP_VIOLATIONS)
-    page = context.new_page()
-    tab = BrowserPage(page, context)
-    page.on("console", tab.on_console)
-    page.on("pageerror", lambda error: tab.problems.append(f"uncaught: {error}"))
-    yield tab
-    context.close()
-    assert [p for p in tab.problems if not any(e in p for e in tab.expected)] == []
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,21 @@ edited and deleted through plain HTML forms, without JavaScript; then once in Ch
 from __future__ import annotations
 
 import html
-import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from sse_llm.access import COOKIE_NAME, REVIEWER_COOKIE
 from sse_llm.config import Settings
+from tests.browser import BrowserPage
 from tests.conftest import RunningServer, start_server, word
-from tests.test_dashboard_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    RECORD_CSP_VIOLATIONS,
-    BrowserPage,
-)
 from tests.test_reviews_api import HOSTILE, conversation, review_count
 
 KEY = "review forms key"
@@ -229,43 +222,13 @@ def test_with_a_key_the_form_writes_as_the_sign_in_name(
         assert "Sign in in a browser to review" in page and 'id="review-form"' not in page
 
 
-def in_chromium(scenario: Callable[[BrowserPage], None]) -> None:
-    """Run `scenario` in a fresh Chromium tab; fail on a console error or CSP violation.
-
-    In a thread of its own: Playwright's sync API runs one instance per thread, and the
-    dashboard tests' session-wide browser may be open in this one.
-    """
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("Debian's Chromium is not installed (.ci/run installs it)")
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
-
-    def run() -> None:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            context.set_default_timeout(15_000)
-            context.add_init_script(RECORD_CSP_VIOLATIONS)
-            tab = BrowserPage(context.new_page(), context)
-            tab.page.on("console", tab.on_console)
-            tab.page.on("pageerror", lambda error: tab.problems.append(f"uncaught: {error}"))
-            try:
-                scenario(tab)
-                assert tab.csp_violations() == []
-            finally:
-                browser.close()
-            assert tab.problems == []
-
-    with ThreadPoolExecutor(1) as thread:
-        thread.submit(run).result()
-
-
 @pytest.mark.browser
 def test_reviewing_in_chromium_with_hostile_text(
-    demo_server: RunningServer, db: psycopg.Connection
-):
+    tab: BrowserPage, demo_server: RunningServer, db: psycopg.Connection
+) -> None:
     conversation_id = conversation(db, prompt=f"Review me {word()}")
-    in_chromium(lambda tab: review_in_chromium(tab, demo_server.url, conversation_id, db))
+    review_in_chromium(tab, demo_server.url, conversation_id, db)
+    assert tab.csp_violations() == []
 
 
 def review_in_chromium(
