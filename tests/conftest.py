@@ -71,6 +71,20 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the test server, dropped afterwards (for statements
+    that act on every row, such as the recovery sweeps)."""
+    name = f"sse_llm_own_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(database_url, name)
+    apply_migrations(url)
+    yield url
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
 def restartable_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     """A migrated PostgreSQL of the test's own, so it can be stopped, started and restarted."""
     postgres = EmbeddedPostgres(tmp_path).start()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -62,3 +63,13 @@ async def wait_until_async(
         if time.monotonic() > deadline:
             raise AssertionError(message)
         await asyncio.sleep(interval)
+
+
+def run(
+    scenario: Coroutine[Any, Any, T] | Callable[[], Coroutine[Any, Any, T]], timeout: float = 60
+) -> T:
+    """Run an async scenario (a coroutine, or a function making one) on an event loop of its
+    own, in a thread of its own: it must not meet another test's loop, nor Playwright's."""
+    coroutine = scenario() if callable(scenario) else scenario
+    with ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, asyncio.wait_for(coroutine, timeout)).result()

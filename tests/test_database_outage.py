@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 from uuid import UUID, uuid4
 
 import httpx
@@ -23,7 +22,7 @@ from sse_llm.store import Chunk, Ending, NewConversation
 from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
-from tests.support import wait_until, wait_until_async
+from tests.support import run, wait_until, wait_until_async
 from tests.tcp_proxy import TcpProxy
 
 T = TypeVar("T")
@@ -171,12 +170,6 @@ class Owner:
 
     def fence(self) -> None:
         self.storage_failed = True
-
-
-def run(scenario: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-    """Run `scenario` on an event loop of its own, in a thread of its own."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, asyncio.wait_for(scenario, timeout)).result()
 
 
 def test_an_end_that_could_not_be_stored_is_recorded_when_the_database_returns(

@@ -12,47 +12,23 @@ import select
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 from uuid import UUID
 
 import psycopg
-import pytest
-from psycopg import sql
 
 from sse_llm.broadcast import Broadcast
-from sse_llm.database import apply_migrations, open_pool
+from sse_llm.database import open_pool
 from sse_llm.lease import InstanceLease
 from sse_llm.store import (
     FENCE_LOCK_NAMESPACE,
     INSTANCE_LOCK_NAMESPACE,
     interrupt_orphaned_conversations,
 )
-from tests.conftest import with_database
-from tests.support import free_port, wait_until
+from tests.support import free_port, run, wait_until
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def own_database(database_url: str) -> Iterator[str]:
-    """A fresh, migrated database on the test server, dropped afterwards."""
-    name = f"sse_llm_lease_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    apply_migrations(url)
-    yield url
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60) -> T:
-    """Run an async scenario in a thread of its own: its loop must not meet another test's."""
-    with ThreadPoolExecutor(1) as executor:
-        return executor.submit(asyncio.run, asyncio.wait_for(scenario(), timeout)).result()
 
 
 def lock_holder(conn: psycopg.Connection, instance_id: UUID) -> int | None:

@@ -3,13 +3,10 @@ are allow-listed, images are never fetched, and the detail page's two views (iss
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 import psycopg
@@ -19,6 +16,7 @@ from sse_llm.markdown import MAX_RENDER_CHARS, MarkdownRenderer
 from sse_llm.passages import split
 from sse_llm.review_store import Annotation
 from tests.conftest import create
+from tests.support import run
 
 T = TypeVar("T")
 
@@ -26,13 +24,6 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def renderer() -> MarkdownRenderer:
     return MarkdownRenderer()
-
-
-def run(awaitable: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a loop of its own thread: a browser test's Playwright may hold
-    this thread's loop (its session fixture lives on), and asyncio allows one per thread."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, awaitable).result()
 
 
 def html_of(renderer: MarkdownRenderer, text: str) -> str:

@@ -9,9 +9,7 @@ session, so every test makes its own ids, owners and search words and looks only
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -22,14 +20,9 @@ from psycopg_pool import AsyncConnectionPool
 from sse_llm import history_queries, store
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
 from tests.conftest import word
+from tests.support import run
 
 T = TypeVar("T")
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30) -> T:
-    """Run an async scenario on an event loop of its own, in a thread of its own."""
-    with ThreadPoolExecutor(1) as executor:
-        return executor.submit(asyncio.run, asyncio.wait_for(scenario(), timeout)).result()
 
 
 @asynccontextmanager

@@ -6,33 +6,15 @@ have a database of their own.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
-import psycopg
-import pytest
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 
 from sse_llm import store
-from sse_llm.database import apply_migrations
 from sse_llm.store import Chunk, Ending
-from tests.conftest import with_database
-from tests.test_store import connected, notifications, run, streaming
-
-
-@pytest.fixture
-def own_database(database_url: str) -> Iterator[str]:
-    """A fresh, migrated database, for statements that act on every row (the sweeps)."""
-    name = f"sse_llm_store_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    apply_migrations(url)
-    yield url
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+from tests.support import run
+from tests.test_store import connected, notifications, streaming
 
 
 def test_a_cancel_is_recorded_once_for_its_owner_to_find_and_names_an_ended_status(

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 from uuid import UUID, uuid4
 
 import httpx
@@ -25,6 +24,7 @@ from sse_llm.store import FENCE_LOCK_NAMESPACE, Chunk, Conversation, Ending, New
 from sse_llm.writer import Writer
 from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
+from tests.support import run
 from tests.tcp_proxy import TcpProxy
 
 T = TypeVar("T")
@@ -51,12 +51,6 @@ class Owner:
         assert not self.storage_failed, "told twice"
         self.storage_failed = True
         self.fenced = True
-
-
-def run(scenario: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-    """Run `scenario` on an event loop of its own, in a thread of its own."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, asyncio.wait_for(scenario, timeout)).result()
 
 
 def new_conversation(owner_id: UUID, prompt: str = "a prompt") -> NewConversation:

@@ -18,8 +18,9 @@ from sse_llm.errors import StorageUnavailable
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending
 from sse_llm.writer import Writer
+from tests.support import run
 from tests.tcp_proxy import TcpProxy
-from tests.test_writer import Owner, new_conversation, run, stored_chunks
+from tests.test_writer import Owner, new_conversation, stored_chunks
 
 # A Sync message ends every statement psycopg sends (prepared or not): one per statement.
 SYNC = b"S\x00\x00\x00\x04"
