@@ -17,7 +17,7 @@ from sse_llm import review_queries
 from sse_llm.agreement import agreement_report
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import html_errors, render
-from sse_llm.review_slices import parse_slice
+from sse_llm.review_slices import parse_slice, slice_sql
 from sse_llm.reviews import reviewer_name
 from sse_llm.service import service_of
 
@@ -44,7 +44,7 @@ async def agreement_json(request: Request) -> Response:
         body = {"error": {"code": ErrorCode.VALIDATION_ERROR, "message": str(exc)}}
         return JSONResponse(body, status_code=422)
     judged = await review_queries.judged_items(
-        service_of(request).query_pool, slice_.as_sql(), counted
+        service_of(request).query_pool, slice_sql(slice_), counted
     )
     return JSONResponse(agreement_report(judged))
 
@@ -59,7 +59,7 @@ async def agreement_page(request: Request) -> Response:
     except ValueError as exc:
         counted, error = None, str(exc)
     judged = await review_queries.judged_items(
-        service_of(request).query_pool, slice_.as_sql(), counted
+        service_of(request).query_pool, slice_sql(slice_), counted
     )
     report = agreement_report(judged)
     by_id = {str(item.conversation_id): item for item in judged}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 from uuid import UUID
 
-from starlette.datastructures import ImmutableMultiDict
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -27,8 +27,9 @@ from sse_llm import review_queries, reviews
 from sse_llm.access import read_form, same_origin
 from sse_llm.contract import MAX_NOTE_CHARS, ErrorCode, Verdict
 from sse_llm.dashboard import html_errors, render
+from sse_llm.history_filters import HistoryFilter
 from sse_llm.review_queries import QueueMode, QueueOrder
-from sse_llm.review_slices import HistorySlice, current_reviewer, parse_slice
+from sse_llm.review_slices import current_reviewer, parse_slice, slice_sql
 from sse_llm.service import service_of
 
 _Choice = TypeVar("_Choice", QueueMode, QueueOrder)
@@ -39,27 +40,26 @@ _FORM_LIMIT = 64 * 1024  # a note of 4,000 characters, percent-encoded, and the 
 class Queue:
     """What a queue URL says: the slice, the mode, the order, blind, and the walk's point."""
 
-    slice: HistorySlice
+    slice: HistoryFilter
     mode: QueueMode = QueueMode.MINE
     order: QueueOrder = QueueOrder.NEWEST
     blind: bool = False
     after: UUID | None = None
 
     @classmethod
-    def from_params(cls, params: ImmutableMultiDict[str, str] | dict[str, str]) -> Queue:
+    def from_params(cls, params: QueryParams) -> Queue:
         """Read a queue URL forgivingly (a person typed it): unknown values fall back."""
-        multi = params if isinstance(params, ImmutableMultiDict) else ImmutableMultiDict(params)
         return cls(
-            slice=parse_slice(multi, strict=False),
-            mode=_member(QueueMode, multi.get("mode"), QueueMode.MINE),
-            order=_member(QueueOrder, multi.get("order"), QueueOrder.NEWEST),
-            blind=multi.get("blind") in ("1", "on", "true"),
-            after=_uuid(multi.get("after")),
+            slice=parse_slice(params, strict=False),
+            mode=_member(QueueMode, params.get("mode"), QueueMode.MINE),
+            order=_member(QueueOrder, params.get("order"), QueueOrder.NEWEST),
+            blind=params.get("blind") in ("1", "on", "true"),
+            after=_uuid(params.get("after")),
         )
 
     def query_string(self, *, after: UUID | None = None, **extra: str) -> str:
         """This queue's URL query, walking on from `after`."""
-        params: list[tuple[str, str]] = list(parse_qsl(self.slice.query_string()))
+        params = self.slice.pairs()
         params += [("mode", self.mode), ("order", self.order)]
         if self.blind:
             params.append(("blind", "1"))
@@ -102,7 +102,7 @@ async def review_page(request: Request) -> Response:
         service.pool,
         service.query_pool,
         reviewer=reviewer,
-        slice_=queue.slice.as_sql(),
+        slice_=slice_sql(queue.slice),
         mode=queue.mode,
         order=queue.order,
         after=queue.after,
@@ -130,7 +130,7 @@ async def _posted(request: Request) -> tuple[str, UUID, Queue, dict[str, str]] |
     conversation_id = _uuid(form.get("conversation_id"))
     if conversation_id is None:
         return _refused(422, ErrorCode.VALIDATION_ERROR, "conversation_id must be an id.")
-    queue = Queue.from_params(dict(parse_qsl(form.get("queue", ""))))
+    queue = Queue.from_params(QueryParams(form.get("queue", "")))
     return reviewer, conversation_id, queue, form
 
 

@@ -342,3 +342,18 @@ def test_without_a_name_the_queue_asks_who_is_reviewing(demo_server: RunningServ
     assert page.status_code == 200
     assert "Who is reviewing?" in page.text
     assert SERVED.search(page.text) is None
+
+
+def test_the_slice_is_any_history_filter(
+    reviewer_client: httpx.Client, db: psycopg.Connection
+) -> None:
+    tag = word()
+    judged_bad = insert(db, f"{tag} bad one", age_seconds=2)
+    insert(db, f"{tag} unjudged", age_seconds=1)
+    failed = insert(db, f"{tag} failed one", age_seconds=3, status="failed")
+    review(db, judged_bad, word(), "bad")
+
+    # Bad according to someone, not yet reviewed by me.
+    assert served(reviewer_client, q=tag, verdict="bad") == judged_bad
+    skip(reviewer_client, judged_bad, q=tag, verdict="bad")
+    assert served(reviewer_client, q=tag, status="failed") == failed
