@@ -1,7 +1,7 @@
 """Agreement between reviewers (SPEC 9): the share of agreement and kappa, per verdict and
 per label, over a slice of the history and a set of reviewers.
 
-Pure functions; the routes are in agreement_pages.py.
+Pure functions; the routes are in agreement_pages.py, the counting in review_queries.py.
 
 - Exactly two reviewers count: Cohen's kappa. `agreement` is the observed share of items
   both judged alike, p_o; chance p_e = sum over categories of p_A(k) * p_B(k), each
@@ -15,6 +15,9 @@ Pure functions; the routes are in agreement_pages.py.
   (every rating in one category: kappa is 0/0).
 - Verdicts have three categories (`unsure` is one); a label has two per review: present
   or absent.
+
+Items come weighted: (ratings, how many conversations were rated exactly so), since the
+database counts identical profiles (a team has a few hundred, whatever the history).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sse_llm.review_queries import JudgedItem
+from sse_llm.review_queries import RATING_SEPARATOR, AgreementCounts
 
 # Past this close to 1, chance agreement counts as 1 (floating sums of shares).
 _EPSILON = 1e-12
@@ -33,6 +36,8 @@ MAX_DISAGREEMENT_IDS = 100
 Method = Literal["cohen", "fleiss"]
 # One item: reviewer -> the category of their rating.
 Ratings = Mapping[str, str]
+# (agreement, kappa), each None where undefined.
+Figures = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -54,86 +59,104 @@ def _kappa(observed: float, chance: float, items: int) -> float | None:
     return (observed - chance) / (1 - chance)
 
 
-def cohen(pairs: Sequence[tuple[str, str]]) -> tuple[float | None, float | None]:
+def cohen(pairs: Sequence[tuple[str, str]]) -> Figures:
     """(p_o, Cohen's kappa) of two raters' categories, one pair per item."""
-    if not pairs:
+    return cohen_weighted([(pair, 1) for pair in pairs])
+
+
+def cohen_weighted(
+    pairs: Sequence[tuple[tuple[str, str], int]],
+) -> Figures:
+    """`cohen` of pairs each standing for `weight` items."""
+    n = sum(weight for _, weight in pairs)
+    if n == 0:
         return None, None
-    n = len(pairs)
-    observed = sum(a == b for a, b in pairs) / n
-    first = Counter(a for a, _ in pairs)
-    second = Counter(b for _, b in pairs)
+    observed = sum(weight for (a, b), weight in pairs if a == b) / n
+    first: Counter[str] = Counter()
+    second: Counter[str] = Counter()
+    for (a, b), weight in pairs:
+        first[a] += weight
+        second[b] += weight
     chance = sum(first[k] * second[k] for k in first) / (n * n)
     return observed, _kappa(observed, chance, n)
 
 
-def fleiss(items: Sequence[Sequence[str]]) -> tuple[float | None, float | None]:
+def fleiss(items: Sequence[Sequence[str]]) -> Figures:
     """(mean P_i, Fleiss' kappa) of items each rated by 2 or more raters (any number)."""
-    rated = [item for item in items if len(item) >= 2]
-    if not rated:
+    return fleiss_weighted([(item, 1) for item in items])
+
+
+def fleiss_weighted(
+    items: Sequence[tuple[Sequence[str], int]],
+) -> Figures:
+    """`fleiss` of items each standing for `weight` items."""
+    rated = [(item, weight) for item, weight in items if len(item) >= 2 and weight > 0]
+    count = sum(weight for _, weight in rated)
+    if count == 0:
         return None, None
     totals: Counter[str] = Counter()
-    per_item = []
-    for item in rated:
+    agreeing = 0.0
+    for item, weight in rated:
         counts = Counter(item)
-        totals.update(counts)
+        for category, n_ij in counts.items():
+            totals[category] += n_ij * weight
         n = len(item)
-        per_item.append(sum(c * (c - 1) for c in counts.values()) / (n * (n - 1)))
-    observed = sum(per_item) / len(per_item)
+        agreeing += weight * sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
+    observed = agreeing / count
     ratings = sum(totals.values())
-    chance = sum((count / ratings) ** 2 for count in totals.values())
-    return observed, _kappa(observed, chance, len(rated))
+    chance = sum((total / ratings) ** 2 for total in totals.values())
+    return observed, _kappa(observed, chance, count)
 
 
-def figure(items: Sequence[Ratings], method: Method) -> Figure:
-    """The agreement and kappa of items by the given method."""
+def figure(items: Sequence[tuple[Ratings, int]], method: Method) -> Figure:
+    """The agreement and kappa of weighted items by the given method."""
     if method == "cohen":
         pairs = []
-        for item in items:
-            first, second = sorted(item)  # the same two reviewers on every item
-            pairs.append((item[first], item[second]))
-        agreement, kappa = cohen(pairs)
+        for ratings, weight in items:
+            first, second = sorted(ratings)  # the same two reviewers on every item
+            pairs.append(((ratings[first], ratings[second]), weight))
+        agreement, kappa = cohen_weighted(pairs)
     else:
-        agreement, kappa = fleiss([list(item.values()) for item in items])
+        agreement, kappa = fleiss_weighted([(list(r.values()), w) for r, w in items])
     return Figure(agreement, kappa, method)
 
 
-def agreement_report(judged: Sequence[JudgedItem]) -> dict[str, Any]:
-    """SPEC 9's `GET /agreement` body from the judged conversations of a slice."""
-    reviewers = sorted({name for item in judged for name in item.reviewers})
+def _label_items(counts: AgreementCounts, label: str) -> list[tuple[Ratings, int]]:
+    """Every judged item as present/absent ratings of one label, weighted."""
+    items: list[tuple[Ratings, int]] = []
+    with_label: Counter[tuple[str, ...]] = Counter()
+    for name, panel, holders, weight in counts.labels:
+        if name == label:
+            held = set(holders)
+            items.append(({r: "present" if r in held else "absent" for r in panel}, weight))
+            with_label[tuple(panel)] += weight
+    # The items where nobody gave the label: all absent.
+    for panel, weight in counts.panels:
+        rest = weight - with_label[tuple(panel)]
+        if rest:
+            items.append(({r: "absent" for r in panel}, rest))
+    return items
+
+
+def agreement_report(counts: AgreementCounts) -> dict[str, Any]:
+    """SPEC 9's `GET /agreement` body from the counted profiles of a slice."""
+    reviewers = sorted({name for panel, _ in counts.panels for name in panel})
     method: Method = "cohen" if len(reviewers) == 2 else "fleiss"
-    verdicts = [dict(zip(item.reviewers, item.verdicts, strict=True)) for item in judged]
-    label_sets = [
-        {
-            name: set(filter(None, text.split(",")))
-            for name, text in zip(item.reviewers, item.labels, strict=True)
-        }
-        for item in judged
+    verdicts = [
+        (dict(rating.split(RATING_SEPARATOR, 1) for rating in ratings), weight)
+        for ratings, weight in counts.verdicts
     ]
-    labels = {}
-    for label in sorted(
-        {label for item in label_sets for chosen in item.values() for label in chosen}
-    ):
-        present = [
-            {name: "present" if label in chosen else "absent" for name, chosen in item.items()}
-            for item in label_sets
-        ]
-        labels[label] = figure(present, method).as_json()
-    disagreeing = sorted(
-        (
-            item
-            for item, ratings in zip(judged, verdicts, strict=True)
-            if len(set(ratings.values())) > 1
-        ),
-        key=lambda item: (item.created_at, item.conversation_id),
-        reverse=True,
-    )
+    labels = {
+        label: figure(_label_items(counts, label), method).as_json()
+        for label in sorted({label for label, *_ in counts.labels})
+    }
     return {
-        "conversations": len(judged),
+        "conversations": sum(weight for _, weight in counts.panels),
         "reviewers": reviewers,
         "verdict": figure(verdicts, method).as_json(),
         "labels": labels,
         "disagreements": {
-            "count": len(disagreeing),
-            "ids": [str(item.conversation_id) for item in disagreeing[:MAX_DISAGREEMENT_IDS]],
+            "count": counts.disagreements,
+            "ids": [str(conversation_id) for conversation_id in counts.ids],
         },
     }

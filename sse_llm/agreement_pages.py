@@ -6,15 +6,12 @@ count); the figures are agreement.py's.
 
 from __future__ import annotations
 
-from typing import Any
-from uuid import UUID
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sse_llm import review_queries
-from sse_llm.agreement import agreement_report
+from sse_llm.agreement import MAX_DISAGREEMENT_IDS, agreement_report
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import html_errors, render
 from sse_llm.review_slices import parse_slice, slice_sql
@@ -43,10 +40,10 @@ async def agreement_json(request: Request) -> Response:
     except ValueError as exc:
         body = {"error": {"code": ErrorCode.VALIDATION_ERROR, "message": str(exc)}}
         return JSONResponse(body, status_code=422)
-    judged = await review_queries.judged_items(
-        service_of(request).query_pool, slice_sql(slice_), counted
+    counts = await review_queries.agreement_counts(
+        service_of(request).query_pool, slice_sql(slice_), counted, max_ids=MAX_DISAGREEMENT_IDS
     )
-    return JSONResponse(agreement_report(judged))
+    return JSONResponse(agreement_report(counts))
 
 
 async def agreement_page(request: Request) -> Response:
@@ -58,16 +55,12 @@ async def agreement_page(request: Request) -> Response:
         counted = parse_reviewers(params.get("reviewers"))
     except ValueError as exc:
         counted, error = None, str(exc)
-    judged = await review_queries.judged_items(
-        service_of(request).query_pool, slice_sql(slice_), counted
+    service = service_of(request)
+    counts = await review_queries.agreement_counts(
+        service.query_pool, slice_sql(slice_), counted, max_ids=MAX_DISAGREEMENT_IDS
     )
-    report = agreement_report(judged)
-    by_id = {str(item.conversation_id): item for item in judged}
-    disagreements: list[dict[str, Any]] = []
-    for conversation_id in report["disagreements"]["ids"]:
-        item = by_id[conversation_id]
-        verdicts = dict(zip(item.reviewers, item.verdicts, strict=True))
-        disagreements.append({"id": UUID(conversation_id), "item": item, "verdicts": verdicts})
+    report = agreement_report(counts)
+    disagreements = await review_queries.disagreements(service.pool, counts.ids, counted)
     context = {
         "active": "agreement",
         "report": report,

@@ -245,6 +245,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             }
         },
+        "/agreement": _AGREEMENT_PATH,
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streamed or not",
@@ -514,6 +515,74 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     },
+}
+
+
+# GET /agreement (SPEC 9): the history filters choose the conversations, `reviewers` whose
+# reviews count.
+_FIGURE = {
+    "type": "object",
+    "required": ["agreement", "kappa", "method"],
+    "additionalProperties": False,
+    "properties": {
+        "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "kappa": {"type": ["number", "null"]},
+        "method": {"enum": ["cohen", "fleiss"]},
+    },
+}
+_SCHEMAS["Agreement"] = {
+    "type": "object",
+    "required": ["conversations", "reviewers", "verdict", "labels", "disagreements"],
+    "additionalProperties": False,
+    "properties": {
+        "conversations": {"type": "integer", "minimum": 0},
+        "reviewers": {"type": "array", "items": {"type": "string"}},
+        "verdict": _FIGURE,
+        "labels": {"type": "object", "additionalProperties": _FIGURE},
+        "disagreements": {
+            "type": "object",
+            "required": ["count", "ids"],
+            "additionalProperties": False,
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "ids": {
+                    "type": "array",
+                    "maxItems": 100,
+                    "items": {"type": "string", "format": "uuid"},
+                },
+            },
+        },
+    },
+}
+_VERDICT = {"enum": ["good", "bad", "unsure", ""]}
+_AGREEMENT_PATH = {
+    "get": {
+        "summary": "Agreement between reviewers: share and kappa per verdict and per label",
+        "description": "Cohen's kappa when exactly two reviewers count, else Fleiss' kappa "
+        "generalised to unequal raters per conversation; null where undefined.",
+        "parameters": [
+            {"name": name, "in": "query", "schema": schema}
+            for name, schema in (
+                ("q", {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL}),
+                ("status", {"enum": [*Status, ""]}),
+                ("verdict", _VERDICT),
+                ("consensus", _VERDICT),
+                ("reviewer", {"type": "string", "maxLength": 64}),
+                ("label", {"type": "string", "maxLength": 40}),
+                ("reviewed", {"enum": ["true", "false", ""]}),
+                ("model", {"type": "string", "maxLength": MAX_MODEL_CHARS, "pattern": _NO_NUL}),
+                ("from", {"type": "string", "format": "date-time"}),
+                ("to", {"type": "string", "format": "date-time"}),
+                ("reviewers", {"type": "string", "description": "Comma-separated names."}),
+            )
+        ],
+        "responses": {
+            "200": _json("Agreement", "The figures, and the conversations they disagree on."),
+            "401": _error("The API key is missing or wrong."),
+            "422": _error("A filter or a reviewer name is invalid."),
+            "503": _UNAVAILABLE,
+        },
+    }
 }
 
 

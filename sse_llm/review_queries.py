@@ -46,6 +46,7 @@ class Slice:
 
     condition: sql.Composable
     params: dict[str, Any]
+    filtered: bool = True  # False: the condition is TRUE, the whole history
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,18 @@ class OtherReview:
 
 
 @dataclass(frozen=True)
-class JudgedItem:
-    """One conversation's counted reviews, for agreement: reviewer → verdict and labels."""
+class AgreementCounts:
+    """Agreement's input, counted: each distinct profile with its number of conversations.
 
-    conversation_id: UUID
-    created_at: datetime
-    reviewers: list[str]
-    verdicts: list[str]
-    labels: list[str]  # per reviewer, the labels joined by commas (a label has none)
+    `verdicts`: [ratings ("reviewer<sep>verdict", sorted), n]; `panels`: [reviewers, n];
+    `labels`: [label, reviewers, reviewers who gave it, n]; then the disagreements.
+    """
+
+    verdicts: list[tuple[list[str], int]]
+    panels: list[tuple[list[str], int]]
+    labels: list[tuple[str, list[str], list[str], int]]
+    disagreements: int
+    ids: list[UUID]
 
 
 # The walk's positions. Newest first: after the given conversation in the history's order.
@@ -265,27 +270,109 @@ async def record_verdict(
     return True
 
 
-async def judged_items(
-    query_pool: AsyncConnectionPool, slice_: Slice, reviewers: list[str] | None
-) -> list[JudgedItem]:
-    """The conversations of a slice judged by 2+ counted reviewers, with those reviews.
+# Between a reviewer's name and their verdict in a rating (a name holds no control
+# character, reviews.reviewer_name).
+RATING_SEPARATOR = "\x1f"
 
-    Reads the counted reviews of the slice's conversations once (reviews join their
-    conversation by primary key); one row per judged conversation comes back.
+
+async def agreement_counts(
+    query_pool: AsyncConnectionPool,
+    slice_: Slice,
+    reviewers: list[str] | None,
+    *,
+    max_ids: int,
+) -> AgreementCounts:
+    """What agreement is computed from, counted in the database: the distinct rating
+    profiles of the slice's conversations judged by 2+ counted reviewers, with how many
+    conversations have each (a few hundred rows for a team, whatever the history).
+
+    Reads each counted review of the slice once (joined to its conversation by primary
+    key only when the slice has a condition).
     """
     statement = sql.SQL("""
-        SELECT r.conversation_id, max(r.conversation_created_at) AS created_at,
-               array_agg(r.reviewer ORDER BY r.reviewer) AS reviewers,
-               array_agg(r.verdict ORDER BY r.reviewer) AS verdicts,
-               array_agg(array_to_string(r.labels, ',') ORDER BY r.reviewer) AS labels
-        FROM reviews r JOIN conversations c ON c.id = r.conversation_id
-        WHERE {condition}
-          AND (%(counted)s::text[] IS NULL OR r.reviewer = ANY(%(counted)s::text[]))
-        GROUP BY r.conversation_id
-        HAVING count(*) >= 2
-    """).format(condition=slice_.condition)
-    params = {**slice_.params, "counted": reviewers}
-    async with query_pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(JudgedItem))
+        WITH counted AS (
+            SELECT r.conversation_id, r.reviewer, r.verdict, r.labels,
+                   r.conversation_created_at
+            FROM reviews r {join}
+            WHERE {condition}
+              AND (%(counted)s::text[] IS NULL OR r.reviewer = ANY(%(counted)s::text[]))
+        ), items AS MATERIALIZED (
+            SELECT conversation_id, max(conversation_created_at) AS created_at,
+                   array_agg(reviewer || %(separator)s || verdict ORDER BY reviewer) AS ratings,
+                   array_agg(reviewer ORDER BY reviewer) AS reviewers,
+                   min(verdict) <> max(verdict) AS disagree
+            FROM counted GROUP BY conversation_id HAVING count(*) >= 2
+        ), holders AS (
+            SELECT k.conversation_id, l.label, array_agg(k.reviewer ORDER BY k.reviewer) AS who
+            FROM counted k JOIN items i USING (conversation_id), unnest(k.labels) AS l(label)
+            WHERE k.labels <> '{{}}'
+            GROUP BY k.conversation_id, l.label
+        )
+        SELECT
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(ratings, n)), '[]')
+             FROM (SELECT ratings, count(*) AS n FROM items GROUP BY ratings) v) AS verdicts,
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(reviewers, n)), '[]')
+             FROM (SELECT reviewers, count(*) AS n FROM items GROUP BY reviewers) s) AS panels,
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(label, reviewers, who, n)), '[]')
+             FROM (SELECT h.label, i.reviewers, h.who, count(*) AS n
+                   FROM holders h JOIN items i USING (conversation_id)
+                   GROUP BY h.label, i.reviewers, h.who) p) AS labels,
+            (SELECT count(*) FROM items WHERE disagree) AS disagreements,
+            (SELECT coalesce(array_agg(conversation_id), '{{}}')
+             FROM (SELECT conversation_id FROM items WHERE disagree
+                   ORDER BY created_at DESC, conversation_id DESC LIMIT %(max_ids)s) d) AS ids
+    """).format(
+        condition=slice_.condition,
+        # The join only where the slice looks at conversations (or their reviews).
+        join=sql.SQL("JOIN conversations c ON c.id = r.conversation_id")
+        if slice_.filtered
+        else sql.SQL(""),
+    )
+    params = {
+        **slice_.params,
+        "counted": reviewers,
+        "separator": RATING_SEPARATOR,
+        "max_ids": max_ids,
+    }
+    async with query_pool.connection() as conn, conn.transaction():
+        # Its sorts hold every counted review of the slice (~10 MB per 100,000): in memory,
+        # not spilled to disk as the default 4 MB would (twice as slow). This query only.
+        await conn.execute("SET LOCAL work_mem = '64MB'")
+        cursor = conn.cursor(row_factory=class_row(AgreementCounts))
         await cursor.execute(statement, params)
+        row = await cursor.fetchone()
+    assert row is not None  # an aggregate always answers one row
+    return row
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """A conversation reviewers disagree on, as the agreement page lists it."""
+
+    id: UUID
+    created_at: datetime
+    prompt: str  # its start
+    reviewers: list[str]
+    verdicts: list[str]
+
+
+async def disagreements(
+    pool: AsyncConnectionPool, ids: list[UUID], reviewers: list[str] | None
+) -> list[Disagreement]:
+    """The counted verdicts on a few conversations (at most 100, by primary key)."""
+    async with pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(Disagreement))
+        await cursor.execute(
+            """
+            SELECT c.id, c.created_at, left(c.prompt, 120) AS prompt,
+                   array_agg(r.reviewer ORDER BY r.reviewer) AS reviewers,
+                   array_agg(r.verdict ORDER BY r.reviewer) AS verdicts
+            FROM conversations c JOIN reviews r ON r.conversation_id = c.id
+            WHERE c.id = ANY(%(ids)s)
+              AND (%(counted)s::text[] IS NULL OR r.reviewer = ANY(%(counted)s::text[]))
+            GROUP BY c.id
+            ORDER BY c.created_at DESC, c.id DESC
+            """,
+            {"ids": ids, "counted": reviewers},
+        )
         return await cursor.fetchall()

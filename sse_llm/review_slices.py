@@ -28,7 +28,7 @@ def parse_slice(params: Mapping[str, str] | QueryParams, *, strict: bool) -> His
 def slice_sql(history_filter: HistoryFilter) -> Slice:
     """The filter as the condition on `conversations c` the queue's queries take."""
     where, params = condition(history_filter)
-    return Slice(where, params)
+    return Slice(where, params, filtered=bool(history_filter.pairs()))
 
 
 def current_reviewer(request: Request) -> str | None:
