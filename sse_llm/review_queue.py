@@ -151,7 +151,9 @@ async def submit_verdict(request: Request) -> Response:
         pool, conversation_id, reviewer, verdict, labels, note
     ):
         return _refused(404, ErrorCode.NOT_FOUND, "No conversation has this id.")
-    target = queue.query_string(after=queue.after, done=str(conversation_id))
+    # The walk goes on from the one just judged: each next page reads a few rows by index,
+    # not again the run of conversations judged since the walk began.
+    target = queue.query_string(after=conversation_id, done=str(conversation_id))
     return RedirectResponse(f"/review?{target}", status_code=303)
 
 
