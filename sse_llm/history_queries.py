@@ -42,10 +42,6 @@ class HistoryPage:
     reviews: dict[UUID, list[ReviewSummary]] = field(default_factory=dict)
 
 
-class UnknownCursor(Exception):
-    """`before` names no conversation: there is no "after it" to page from."""
-
-
 async def list_conversations(
     pool: AsyncConnectionPool,
     *,
@@ -58,7 +54,7 @@ async def list_conversations(
     """A page of conversations, newest first, chosen by the history filters (SPEC 9).
 
     `query` and `status` are shorthands for a filter with only those; `query` uses web
-    search syntax (words, "phrases", -excluded, or). Raises UnknownCursor.
+    search syntax (words, "phrases", -excluded, or).
     """
     chosen = history_filter or HistoryFilter(q=query, status=Status(status) if status else None)
     async with pool.connection() as conn:
@@ -198,9 +194,12 @@ async def page_ids(
     quick for whatever is common among recent rows); when they hold too few matches,
     the page is walked from the reviews side (in the history's order, by the reviews'
     indexes: the cost grows with the reviews that can match, not the history), else
-    from the search's index. Raises UnknownCursor.
+    from the search's index. A `before` that names no conversation gives an empty page.
     """
-    keyset, params = await _keyset(conn, history_filter.before)
+    try:
+        keyset, params = await _keyset(conn, history_filter.before)
+    except LookupError:
+        return []
     chosen = history_filter.without_cursor()
     params.update(limit=limit, offset=offset)
     if not (chosen.q or chosen.reviews_filtered):
@@ -229,7 +228,9 @@ async def _keyset(
     )
     row = await cursor.fetchone()
     if row is None:
-        raise UnknownCursor(before)
+        # Empty, not an error: a cursor goes only when its conversation is deleted, and
+        # retention deletes the oldest first, so what came after it is gone too.
+        raise LookupError(before)
     # A row comparison matches the (created_at DESC, id DESC) indexes: an index range.
     keyset = sql.SQL("(c.created_at, c.id) < (%(cursor_at)s, %(cursor_id)s)")
     return keyset, {"cursor_at": row[0], "cursor_id": before}
