@@ -144,16 +144,9 @@ async def history(request: Request) -> Response:
     chosen = parse_filter(request.query_params, strict=True)
     # Its cost grows with the history (a search, a deep page): the query pool, under a
     # statement timeout, so a flood of them queues there and not before a resume.
-    try:
-        page = await history_queries.list_conversations(
-            service_of(request).query_pool, limit=limit, offset=offset, history_filter=chosen
-        )
-    except history_queries.UnknownCursor:
-        # Not an empty page: that would read as "the end of the history" to a client
-        # whose cursor was deleted (retention), and it would stop paging silently.
-        raise ApiError(
-            422, ErrorCode.VALIDATION_ERROR, "before must be the id of a conversation."
-        ) from None
+    page = await history_queries.list_conversations(
+        service_of(request).query_pool, limit=limit, offset=offset, history_filter=chosen
+    )
     return JSONResponse(
         {
             "items": [

@@ -172,12 +172,9 @@ async def history_page(request: Request) -> Response:
     search = HistorySearch.from_request(request)
     # Both reads grow with the history: the query pool, under its statement timeout.
     pool = service_of(request).query_pool
-    try:
-        page = await history_queries.list_history_rows(
-            pool, limit=search.limit, offset=search.offset, history_filter=search.filter
-        )
-    except history_queries.UnknownCursor:
-        return RedirectResponse(search.link(offset=0), status_code=303)  # from the newest
+    page = await history_queries.list_history_rows(
+        pool, limit=search.limit, offset=search.offset, history_filter=search.filter
+    )
     counts = await history_queries.count_by_status(pool)
     by_status = {count.status: count.count for count in counts}
     context = {

@@ -42,10 +42,6 @@ class HistoryPage:
     reviews: dict[UUID, list[ReviewSummary]] = field(default_factory=dict)
 
 
-class UnknownCursor(Exception):
-    """`before` names no conversation: there is no "after it" to page from."""
-
-
 async def list_conversations(
     pool: AsyncConnectionPool,
     *,
@@ -58,7 +54,7 @@ async def list_conversations(
     """A page of conversations, newest first, chosen by the history filters (SPEC 9).
 
     `query` and `status` are shorthands for a filter with only those; `query` uses web
-    search syntax (words, "phrases", -excluded, or). Raises UnknownCursor.
+    search syntax (words, "phrases", -excluded, or).
     """
     chosen = history_filter or HistoryFilter(q=query, status=Status(status) if status else None)
     async with pool.connection() as conn:
@@ -198,9 +194,12 @@ async def page_ids(
     quick for whatever is common among recent rows); when they hold too few matches,
     the page is walked from the reviews side (in the history's order, by the reviews'
     indexes: the cost grows with the reviews that can match, not the history), else
-    from the search's index. Raises UnknownCursor.
+    from the search's index. A `before` that names no conversation gives an empty page.
     """
-    keyset, params = await _keyset(conn, history_filter.before)
+    try:
+        keyset, params = await _keyset(conn, history_filter.before)
+    except LookupError:
+        return []
     chosen = history_filter.without_cursor()
     params.update(limit=limit, offset=offset)
     if not (chosen.q or chosen.reviews_filtered):
@@ -210,9 +209,14 @@ async def page_ids(
         page = await _newest_window(conn, chosen, keyset, params | {"window": window})
         if len(page) == limit:
             return page  # the newest rows hold the whole page: the same as a full walk
-    driver = _review_driver(chosen)
-    if driver is not None:
-        return await _walk_reviews(conn, chosen, driver, params)
+    shares = await _label_shares(conn, chosen.labels)
+    # The walk from the reviews side starts from the rarest label.
+    rarest_first = replace(chosen, labels=tuple(sorted(chosen.labels, key=shares.__getitem__)))
+    walk = _review_driver(rarest_first)
+    if walk is not None:
+        driver, driver_params, rest = walk
+        gather = bool(shares) and min(shares.values()) < _RARE_LABEL_SHARE
+        return await _walk_reviews(conn, rest, driver, params | driver_params, gather=gather)
     if chosen.q:
         return await _walk_search_index(conn, chosen, keyset, params)
     return await _walk_conversations(conn, chosen, keyset, params)
@@ -229,7 +233,9 @@ async def _keyset(
     )
     row = await cursor.fetchone()
     if row is None:
-        raise UnknownCursor(before)
+        # Empty, not an error: a cursor goes only when its conversation is deleted, and
+        # retention deletes the oldest first, so what came after it is gone too.
+        raise LookupError(before)
     # A row comparison matches the (created_at DESC, id DESC) indexes: an index range.
     keyset = sql.SQL("(c.created_at, c.id) < (%(cursor_at)s, %(cursor_id)s)")
     return keyset, {"cursor_at": row[0], "cursor_id": before}
@@ -274,8 +280,11 @@ async def _newest_window(
     return await _fetch(conn, statement, params | inner_params | outer_params)
 
 
-def _review_driver(chosen: HistoryFilter) -> sql.Composable | None:
-    """A condition on one review `d` per matching conversation, for walking reviews.
+def _review_driver(
+    chosen: HistoryFilter,
+) -> tuple[sql.Composable, dict[str, Any], HistoryFilter] | None:
+    """A condition on one review `d` per matching conversation, for walking reviews, its
+    parameters, and what the filter asks beyond it (checked per conversation).
 
     One review per conversation: R's own (the primary key makes it unique), else the
     matching review with the first reviewer name (the rest are skipped by a probe of the
@@ -286,32 +295,74 @@ def _review_driver(chosen: HistoryFilter) -> sql.Composable | None:
         " AND e.reviewer < d.reviewer AND {same})"
     )
     if chosen.reviewer is not None and chosen.reviewed is not False:
-        parts = ["d.reviewer = %(filter_reviewer)s"]
+        parts = ["d.reviewer = %(driver_reviewer)s"]
         if chosen.verdict is not None:
-            parts.append("d.verdict = %(filter_verdict)s")
+            parts.append("d.verdict = %(driver_verdict)s")
         if chosen.labels:
-            parts.append("d.labels @> %(filter_labels)s::text[]")
-        return sql.SQL(" AND ".join(parts))
+            parts.append("d.labels @> %(driver_labels)s::text[]")
+        params = {
+            "driver_reviewer": chosen.reviewer,
+            "driver_verdict": chosen.verdict,
+            "driver_labels": list(chosen.labels),
+        }
+        rest = replace(chosen, reviewer=None, verdict=None, labels=(), reviewed=None)
+        return sql.SQL(" AND ".join(parts)), params, rest
     if chosen.labels:
-        same = sql.SQL("e.labels @> %(filter_label_0)s::text[]")
-        return sql.SQL("d.labels @> %(filter_label_0)s::text[] AND {}").format(
+        same = sql.SQL("e.labels @> %(driver_labels)s::text[]")
+        driver = sql.SQL("d.labels @> %(driver_labels)s::text[] AND {}").format(
             first.format(same=same)
         )
-    verdict = "filter_consensus" if chosen.consensus is not None else "filter_verdict"
+        rest = replace(chosen, labels=chosen.labels[1:])
+        return driver, {"driver_labels": [chosen.labels[0]]}, rest
     if chosen.verdict is not None or chosen.consensus is not None:
         same = sql.SQL("e.verdict = d.verdict")
-        return sql.SQL("d.verdict = {} AND {}").format(
-            sql.Placeholder(verdict), first.format(same=same)
+        driver = sql.SQL("d.verdict = %(driver_verdict)s AND {}").format(first.format(same=same))
+        # consensus stays in the rest: no review may have another verdict.
+        return (
+            driver,
+            {"driver_verdict": chosen.verdict or chosen.consensus},
+            replace(chosen, verdict=None),
         )
     if chosen.reviewed is True:
-        return first.format(same=sql.SQL("TRUE"))
+        return first.format(same=sql.SQL("TRUE")), {}, replace(chosen, reviewed=None)
     return None  # only "not reviewed (by R)": no review to walk
 
 
+# A label on fewer reviews than this share is gathered whole (by the GIN index) and
+# sorted, rather than walked for in the history's order: the walk would pass every
+# review newer than its newest use (say, a label only old conversations have).
+_RARE_LABEL_SHARE = 0.02
+
+
+async def _label_shares(conn: AsyncConnection, labels: tuple[str, ...]) -> dict[str, float]:
+    """The share of reviews with each label, from the planner's statistics of
+    reviews.labels; a label too rare to be listed there has share 0."""
+    if not labels:
+        return {}
+    cursor = await conn.execute(
+        """
+        SELECT found.label, found.share
+        FROM pg_stats s, unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs)
+            AS found(label, share)
+        WHERE s.schemaname = current_schema() AND s.tablename = 'reviews'
+          AND s.attname = 'labels' AND found.label = ANY(%(labels)s::text[])
+        """,
+        {"labels": list(labels)},
+    )
+    shares = {label: float(share) for label, share in await cursor.fetchall()}
+    return {label: shares.get(label, 0.0) for label in labels}
+
+
 async def _walk_reviews(
-    conn: AsyncConnection, chosen: HistoryFilter, driver: sql.Composable, params: dict[str, Any]
+    conn: AsyncConnection,
+    chosen: HistoryFilter,
+    driver: sql.Composable,
+    params: dict[str, Any],
+    *,
+    gather: bool,
 ) -> _Ids:
-    """The page walked from the reviews that can match, newest conversation first.
+    """The page walked from the reviews that can match, newest conversation first;
+    `gather`: all of them first (few: a rare label's), then sorted.
 
     The cursor and the time range apply to the review's copy of its conversation's
     created_at, so they narrow the reviews' index range; the planner may still start
@@ -330,11 +381,17 @@ async def _walk_reviews(
     if chosen.to is not None:
         ranges.append(sql.SQL("d.conversation_created_at < %(filter_to)s"))
     statement = sql.SQL("""
-        SELECT c.id, c.created_at FROM reviews d JOIN conversations c ON c.id = d.conversation_id
-        WHERE {driver} AND {ranges} AND {condition}
+        WITH d AS {materialized} (SELECT d.* FROM reviews d WHERE {driver} AND {ranges})
+        SELECT c.id, c.created_at FROM d JOIN conversations c ON c.id = d.conversation_id
+        WHERE {condition}
         ORDER BY d.conversation_created_at DESC, d.conversation_id DESC
         LIMIT %(limit)s OFFSET %(offset)s
-    """).format(driver=driver, ranges=sql.SQL(" AND ").join(ranges), condition=condition)
+    """).format(
+        materialized=sql.SQL("MATERIALIZED" if gather else "NOT MATERIALIZED"),
+        driver=driver,
+        ranges=sql.SQL(" AND ").join(ranges),
+        condition=condition,
+    )
     return await _fetch(conn, statement, params | filter_params)
 
 

@@ -12,13 +12,17 @@ from sse_llm.config import Settings
 from sse_llm.contract import (
     MAX_BODY_BYTES,
     MAX_CHUNK_ID,
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
     MAX_MODEL_CHARS,
     MAX_OFFSET,
     MAX_QUERY_CHARS,
+    MAX_REVIEWER_CHARS,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
     ErrorCode,
     Status,
+    Verdict,
 )
 from sse_llm.service import service_of
 
@@ -221,11 +225,15 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "schema": {"enum": [*Status, ""]},
                         "description": "Only this status; empty means any.",
                     },
+                    *_HISTORY_FILTERS,
                 ],
                 "responses": {
                     "200": _json("HistoryPage", "A page of conversations."),
                     "401": _error("The API key is missing or wrong."),
-                    "422": _error("A parameter is out of range."),
+                    "422": _error(
+                        "A parameter is out of range or unknown (the message names it),"
+                        " or `from` is later than `to`."
+                    ),
                     "503": _error(
                         "The database is unavailable, the search ran past SSE_LLM_QUERY_TIMEOUT "
                         "(`query_timeout`), or too many are running (`too_many_queries`)."
@@ -422,6 +430,74 @@ _NOT_BLANK = "^[^\\u0000]*[^\\s\\u0000\\u001c-\\u001f\\u0085][^\\u0000]*$"
 
 _NO_NUL = "^[^\\u0000]*$"
 
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+# No /, no control characters (SPEC 9's names; `.` and `..` are refused too).
+_REVIEWER_PATTERN = "^[^/\\u0000-\\u001f\\u007f-\\u009f]*$"
+_NO_CONTROL_CHARACTERS = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_VERDICT_OR_EMPTY = {"enum": [*Verdict, ""]}
+_TIME_PARAMETER = {"type": "string", "format": "date-time"}
+# SPEC 9's history filters, AND between parameters; an empty value means the filter is off.
+_HISTORY_FILTERS = [
+    _query("verdict", _VERDICT_OR_EMPTY, "Some review has this verdict (with `reviewer`: theirs)."),
+    _query("consensus", _VERDICT_OR_EMPTY, "It has reviews, and all have this verdict."),
+    _query(
+        "reviewer",
+        {"type": "string", "maxLength": MAX_REVIEWER_CHARS, "pattern": _REVIEWER_PATTERN},
+        "This reviewer reviewed it; with `verdict`/`label`, their own review has them.",
+    ),
+    {
+        "name": "label",
+        "in": "query",
+        "style": "form",
+        "explode": True,
+        "schema": {
+            "type": "array",
+            "maxItems": MAX_LABELS,
+            "items": {
+                "type": "string",
+                "maxLength": MAX_LABEL_CHARS,
+                "pattern": _NO_CONTROL_CHARACTERS,
+            },
+        },
+        "description": (
+            "Some review has this label (normalised like labels: trimmed, case-folded);"
+            " repeat it, or separate labels by commas, for all of them."
+        ),
+    },
+    _query(
+        "reviewed",
+        {"enum": ["true", "false", ""]},
+        "Has a review / has none; with `reviewer`, by them / not by them (then `verdict`"
+        " and `label` are anyone's).",
+    ),
+    _query(
+        "model",
+        {"type": "string", "maxLength": MAX_MODEL_CHARS, "pattern": _NO_NUL},
+        "Only this model.",
+    ),
+    _query(
+        "from",
+        _TIME_PARAMETER,
+        "ISO 8601; created at or after it. Without a zone: UTC.",
+    ),
+    _query(
+        "to",
+        _TIME_PARAMETER,
+        "ISO 8601; created before it (exclusive). Without a zone: UTC. Not before `from`.",
+    ),
+    _query(
+        "before",
+        {"type": "string", "format": "uuid"},
+        "Keyset paging: the page after this conversation (the last item's `id`), in the"
+        " same order; as fast deep in the history as at its start. An id that names no"
+        " conversation (deleted) gives an empty page.",
+    ),
+]
+
 _TIMESTAMP = {"type": "string", "format": "date-time"}
 
 _SCHEMAS: dict[str, Any] = {
@@ -463,6 +539,24 @@ _SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "provider": {"type": "string"},
             "chunks": {"type": "integer", "minimum": 0},
+            "reviews": {
+                "description": "Its reviews (in GET /history's items), notes left out.",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["reviewer", "verdict", "labels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "reviewer": {"type": "string", "maxLength": MAX_REVIEWER_CHARS},
+                        "verdict": {"enum": list(Verdict)},
+                        "labels": {
+                            "type": "array",
+                            "maxItems": MAX_LABELS,
+                            "items": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                        },
+                    },
+                },
+            },
             "error": {
                 "oneOf": [
                     {"type": "null"},
