@@ -15,6 +15,11 @@ Every request that changes something and that a browser could have been made to 
 from another site (it carries a cookie, a form's content type, or an Origin) must come
 from this origin, with or without a key; bearer requests are exempt (no page can add
 that header to a cross-site request without a CORS preflight, which is never granted).
+
+Who reviews (SPEC 9): with a key, the name given at sign-in (kept with the session);
+without one, the name a browser gave once on /reviewer, kept in its own HttpOnly,
+SameSite=Strict cookie. A browser so named may only write reviews as that name; bearer
+clients (and, in open mode, programs with no cookie at all) may write any name.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -35,13 +40,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sse_llm import store
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import render
-from sse_llm.errors import handle_database_error
+from sse_llm.errors import ApiError, handle_database_error
 from sse_llm.reviews import reviewer_name
 from sse_llm.service import service_of
 from sse_llm.store import Session
 
 COOKIE_NAME = "sse_llm_session"
 SESSION_SECONDS = 7 * 24 * 3600
+# Open mode's "who are you?": the reviewer's name, percent-encoded (a cookie is ASCII).
+REVIEWER_COOKIE = "sse_llm_reviewer"
+REVIEWER_COOKIE_SECONDS = 365 * 24 * 3600
 # The name a session writes reviews as when the sign-in form leaves it blank.
 DEFAULT_REVIEWER = "reviewer"
 _OPEN_PATHS = ("/healthz", "/login", "/logout")
@@ -277,8 +285,101 @@ async def logout(request: Request) -> Response:
     return response
 
 
+# --- who reviews ---
+
+
+def current_reviewer(request: Request) -> str | None:
+    """The name this browser reviews as: its session's (with a key) or its reviewer
+    cookie's (without); None when it has given none (or is a program)."""
+    session: Session | None = getattr(request.state, "session", None)
+    if session is not None:
+        return session.reviewer
+    if service_of(request).settings.api_key:
+        return None  # a bearer client: it names the reviewer in each request
+    raw = request.cookies.get(REVIEWER_COOKIE)
+    if not raw:
+        return None
+    try:
+        return reviewer_name(unquote(raw, errors="strict"))
+    except ValueError:  # an old or hand-edited cookie: as if there were none
+        return None
+
+
+def check_may_write_as(request: Request, reviewer: str) -> None:
+    """Raise 403 unless this request may write as `reviewer` (SPEC 9's trust model).
+
+    A browser with a name (session or reviewer cookie) writes only as that name; a
+    bearer client writes as anyone, and so does, in open mode, a client that gave no
+    name (curl: the service is open). `reviewer` is already normalised.
+    """
+    if _has_bearer(request):
+        return
+    own = current_reviewer(request)
+    if own is not None and own != reviewer:
+        raise ApiError(
+            403,
+            ErrorCode.FORBIDDEN,
+            f"This browser reviews as {own!r}: it may not write as another reviewer.",
+        )
+
+
+def reviewer_cookie(response: Response, request: Request, reviewer: str) -> None:
+    """Set open mode's reviewer cookie (HttpOnly, SameSite=Strict, like the session's)."""
+    response.set_cookie(
+        REVIEWER_COOKIE,
+        quote(reviewer, safe=""),
+        max_age=REVIEWER_COOKIE_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+async def reviewer_page(request: Request) -> Response:
+    """GET /reviewer: "who are you?", the name this browser's reviews carry."""
+    context = {
+        "next": safe_next(request.query_params.get("next")),
+        "reviewer": current_reviewer(request) or "",
+        "signed_in": bool(service_of(request).settings.api_key),
+        "error": None,
+    }
+    return render(request, "reviewer.html", context)
+
+
+async def set_reviewer(request: Request) -> Response:
+    """POST /reviewer: keep the name in this browser's cookie, go back where it was.
+
+    Only this service's own page may post here: a name set from another site would make
+    this browser write reviews under a name it never chose. With a key, the name is the
+    session's (given at sign-in) and cannot be changed here.
+    """
+    if not same_origin(request):
+        return _forbidden("Give your name from this service's own page.")
+    form = await read_form(request)
+    context = {
+        "next": safe_next(form.get("next")),
+        "reviewer": form.get("reviewer", ""),
+        "signed_in": bool(service_of(request).settings.api_key),
+        "error": None,
+    }
+    if context["signed_in"]:
+        context["error"] = "Your name is the one given at sign-in: sign out to change it."
+        return render(request, "reviewer.html", context, status_code=409)
+    try:
+        name = reviewer_name(form.get("reviewer", ""))
+    except ValueError as exc:
+        context["error"] = str(exc)
+        return render(request, "reviewer.html", context, status_code=422)
+    response = RedirectResponse(str(context["next"]), status_code=303)
+    reviewer_cookie(response, request, name)
+    return response
+
+
 routes = [
     Route("/login", login_page, methods=["GET"]),
     Route("/login", login, methods=["POST"]),
     Route("/logout", logout, methods=["POST"]),
+    Route("/reviewer", reviewer_page, methods=["GET"]),
+    Route("/reviewer", set_reviewer, methods=["POST"]),
 ]

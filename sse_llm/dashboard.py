@@ -210,7 +210,14 @@ async def conversation_page(request: Request) -> Response:
     duration = None
     if conversation.completed_at is not None:
         duration = (conversation.completed_at - conversation.created_at).total_seconds()
-    context = {"conversation": conversation, "duration": duration}
+    # Imported here: review_pages builds on this module (render, not_found, this page).
+    from sse_llm.review_pages import review_panel
+
+    context = {
+        "conversation": conversation,
+        "duration": duration,
+        "review_panel": await review_panel(request, conversation.id),
+    }
     return render(request, "conversation.html", context)
 
 

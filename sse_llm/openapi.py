@@ -15,6 +15,7 @@ from sse_llm.contract import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
     MAX_MODEL_CHARS,
+    MAX_NOTE_CHARS,
     MAX_OFFSET,
     MAX_QUERY_CHARS,
     MAX_REVIEWER_CHARS,
@@ -93,7 +94,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "description": "Stream a language model's answer as Server-Sent Events; "
             "every conversation is kept in PostgreSQL.",
         },
-        "paths": _with_access_errors(_paths(settings)),
+        "paths": _with_access_errors({**_paths(settings), **_review_paths()}),
         "components": {"schemas": _SCHEMAS},
     }
     if settings.api_key:
@@ -334,6 +335,143 @@ def _paths(settings: Settings) -> dict[str, Any]:
     }
 
 
+_REVIEWER_PARAMETER = {
+    "name": "reviewer",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": (
+        f"A reviewer's name, percent-encoded: 1-{MAX_REVIEWER_CHARS} characters once "
+        "trimmed and NFC-normalised, case-sensitive, no control character, no `/`, "
+        "not `.` or `..` (else 422)."
+    ),
+}
+
+_ANNOTATION_ID_PARAMETER = {
+    "name": "annotation_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "An annotation id (a UUID; anything else is simply not found).",
+}
+
+_NO_CONVERSATION = _error("No conversation has this id.")
+_FORBIDDEN_NAME = _error(
+    "A browser named by its session (or, without a key, its reviewer cookie) may only "
+    "write as that name; or a change from another origin."
+)
+_BODY_ERRORS = {
+    "400": _error("The body is not valid JSON."),
+    "413": _error(f"The body is over {MAX_BODY_BYTES // 2**20} MiB."),
+    "415": _error("The body is not application/json."),
+}
+
+
+def _review_paths() -> dict[str, Any]:
+    """SPEC 9: reviewers, reviews and annotations (sse_llm/reviews_api.py)."""
+    unauthorized = _error("The API key is missing or wrong.")
+    return {
+        "/reviewers": {
+            "get": {
+                "summary": "Everyone who holds a review, with a count and the latest time",
+                "responses": {
+                    "200": _json("ReviewerList", "The reviewers, by name."),
+                    "401": unauthorized,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/reviews": {
+            "get": {
+                "summary": "Every review of a conversation",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "200": _json("ReviewList", "The reviews, oldest first."),
+                    "401": unauthorized,
+                    "404": _NO_CONVERSATION,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/reviews/{reviewer}": {
+            "put": {
+                "summary": "Create or replace a reviewer's review (created_at kept)",
+                "parameters": [_ID_PARAMETER, _REVIEWER_PARAMETER],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _REVIEW_REQUEST}},
+                },
+                "responses": {
+                    "200": _json("Review", "The review as stored."),
+                    **_BODY_ERRORS,
+                    "401": unauthorized,
+                    "403": _FORBIDDEN_NAME,
+                    "404": _NO_CONVERSATION,
+                    "422": _error("The reviewer, verdict, a label or the note is not allowed."),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "summary": "Delete a reviewer's review",
+                "parameters": [_ID_PARAMETER, _REVIEWER_PARAMETER],
+                "responses": {
+                    "204": {"description": "Deleted."},
+                    "401": unauthorized,
+                    "403": _FORBIDDEN_NAME,
+                    "404": _error("No conversation has this id, or this reviewer no review."),
+                    "422": _error("The reviewer name is not allowed."),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/conversations/{conversation_id}/annotations": {
+            "get": {
+                "summary": "A conversation's passage annotations, ordered by start",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "200": _json("AnnotationList", "The annotations."),
+                    "401": unauthorized,
+                    "404": _NO_CONVERSATION,
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "post": {
+                "summary": "Label one passage of the prompt or the response",
+                "parameters": [_ID_PARAMETER],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ANNOTATION_REQUEST}},
+                },
+                "responses": {
+                    "201": _json("Annotation", "The annotation, with its id."),
+                    **_BODY_ERRORS,
+                    "401": unauthorized,
+                    "403": _FORBIDDEN_NAME,
+                    "404": _NO_CONVERSATION,
+                    "422": _error(
+                        "A field is missing or not allowed, or not 0 <= start < end <= the "
+                        "text's length in code points."
+                    ),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/conversations/{conversation_id}/annotations/{annotation_id}": {
+            "delete": {
+                "summary": "Delete an annotation",
+                "parameters": [_ID_PARAMETER, _ANNOTATION_ID_PARAMETER],
+                "responses": {
+                    "204": {"description": "Deleted."},
+                    "401": unauthorized,
+                    "403": _FORBIDDEN_NAME,
+                    "404": _error("No conversation has this id, or no annotation this id."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+    }
+
+
 def _stream_request(max_chars: int) -> dict[str, Any]:
     return {
         "type": "object",
@@ -497,6 +635,35 @@ _HISTORY_FILTERS = [
         " conversation (deleted) gives an empty page.",
     ),
 ]
+# Labels are trimmed and case-folded before their length is checked (case-folding can
+# lengthen one: ß is ss), so the schema bounds what is sent loosely; the route decides.
+_LABEL = {"type": "string", "minLength": 1, "pattern": "^[^,\\u0000-\\u001f\\u007f-\\u009f]*$"}
+_NOTE = {"type": "string", "maxLength": MAX_NOTE_CHARS, "pattern": _NO_NUL}
+
+_REVIEW_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["verdict"],
+    "properties": {
+        "verdict": {"enum": list(Verdict)},
+        "labels": {"type": "array", "maxItems": MAX_LABELS, "items": _LABEL},
+        "note": _NOTE,
+    },
+}
+
+_ANNOTATION_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["reviewer", "field", "start", "end", "label"],
+    "properties": {
+        "reviewer": {"type": "string", "minLength": 1, "maxLength": MAX_REVIEWER_CHARS},
+        "field": {"enum": ["prompt", "response"]},
+        "start": {"type": "integer", "minimum": 0},
+        "end": {"type": "integer", "minimum": 1},
+        "label": _LABEL,
+        "note": _NOTE,
+    },
+}
 
 _TIMESTAMP = {"type": "string", "format": "date-time"}
 
@@ -599,6 +766,94 @@ _SCHEMAS: dict[str, Any] = {
             }
         },
     },
+    "Review": {
+        "type": "object",
+        "required": [
+            "conversation_id",
+            "reviewer",
+            "verdict",
+            "labels",
+            "note",
+            "created_at",
+            "updated_at",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "conversation_id": {"type": "string", "format": "uuid"},
+            "reviewer": {"type": "string"},
+            "verdict": {"enum": list(Verdict)},
+            "labels": {
+                "type": "array",
+                "maxItems": MAX_LABELS,
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
+            },
+            "note": {"type": "string", "maxLength": MAX_NOTE_CHARS},
+            "created_at": _TIMESTAMP,
+            "updated_at": _TIMESTAMP,
+        },
+    },
+    "ReviewList": {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Review"}}
+        },
+    },
+    "Annotation": {
+        "type": "object",
+        "required": [
+            "id",
+            "conversation_id",
+            "reviewer",
+            "field",
+            "start",
+            "end",
+            "label",
+            "note",
+            "created_at",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "conversation_id": {"type": "string", "format": "uuid"},
+            "reviewer": {"type": "string"},
+            "field": {"enum": ["prompt", "response"]},
+            "start": {"type": "integer", "minimum": 0},
+            "end": {"type": "integer", "minimum": 1},
+            "label": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
+            "note": {"type": "string", "maxLength": MAX_NOTE_CHARS},
+            "created_at": _TIMESTAMP,
+        },
+    },
+    "AnnotationList": {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Annotation"}}
+        },
+    },
+    "ReviewerList": {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["reviewer", "reviews", "last_review_at"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "reviewer": {"type": "string"},
+                        "reviews": {"type": "integer", "minimum": 1},
+                        "last_review_at": _TIMESTAMP,
+                    },
+                },
+            }
+        },
+    },
     "Cancelling": {
         "type": "object",
         "required": ["id", "status"],
@@ -648,27 +903,24 @@ _SCHEMAS["Agreement"] = {
         },
     },
 }
-_VERDICT = {"enum": ["good", "bad", "unsure", ""]}
 _AGREEMENT_PATH = {
     "get": {
         "summary": "Agreement between reviewers: share and kappa per verdict and per label",
         "description": "Cohen's kappa when exactly two reviewers count, else Fleiss' kappa "
         "generalised to unequal raters per conversation; null where undefined.",
         "parameters": [
-            {"name": name, "in": "query", "schema": schema}
-            for name, schema in (
-                ("q", {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL}),
-                ("status", {"enum": [*Status, ""]}),
-                ("verdict", _VERDICT),
-                ("consensus", _VERDICT),
-                ("reviewer", {"type": "string", "maxLength": 64}),
-                ("label", {"type": "string", "maxLength": 40}),
-                ("reviewed", {"enum": ["true", "false", ""]}),
-                ("model", {"type": "string", "maxLength": MAX_MODEL_CHARS, "pattern": _NO_NUL}),
-                ("from", {"type": "string", "format": "date-time"}),
-                ("to", {"type": "string", "format": "date-time"}),
-                ("reviewers", {"type": "string", "description": "Comma-separated names."}),
-            )
+            _query(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL},
+                'Web search syntax: words, "phrases", -excluded, or.',
+            ),
+            _query("status", {"enum": [*Status, ""]}, "Only this status; empty means any."),
+            *(f for f in _HISTORY_FILTERS if f["name"] != "before"),
+            _query(
+                "reviewers",
+                {"type": "string", "pattern": _NO_NUL},
+                "Comma-separated names: only their reviews count (empty: everyone's).",
+            ),
         ],
         "responses": {
             "200": _json("Agreement", "The figures, and the conversations they disagree on."),

@@ -231,45 +231,6 @@ async def reviews_of(pool: AsyncConnectionPool, conversation_id: UUID) -> list[O
         return await cursor.fetchall()
 
 
-async def record_verdict(
-    pool: AsyncConnectionPool,
-    conversation_id: UUID,
-    reviewer: str,
-    verdict: Verdict,
-    labels: list[str],
-    note: str,
-) -> bool:
-    """Create or replace my review from the queue and drop my claim; False if no such
-    conversation."""
-    async with pool.connection() as conn, conn.transaction():
-        cursor = await conn.execute(
-            """
-            INSERT INTO reviews AS r
-                (conversation_id, reviewer, verdict, labels, note, conversation_created_at)
-            SELECT c.id, %(reviewer)s, %(verdict)s, %(labels)s, %(note)s, c.created_at
-            FROM conversations c WHERE c.id = %(id)s
-            ON CONFLICT (conversation_id, reviewer) DO UPDATE
-                SET verdict = excluded.verdict, labels = excluded.labels,
-                    note = excluded.note, updated_at = now()
-            RETURNING r.conversation_id
-            """,
-            {
-                "id": conversation_id,
-                "reviewer": reviewer,
-                "verdict": verdict,
-                "labels": labels,
-                "note": note,
-            },
-        )
-        if await cursor.fetchone() is None:
-            return False
-        await conn.execute(
-            "DELETE FROM review_claims WHERE conversation_id = %(id)s AND reviewer = %(reviewer)s",
-            {"id": conversation_id, "reviewer": reviewer},
-        )
-    return True
-
-
 # Between a reviewer's name and their verdict in a rating (a name holds no control
 # character, reviews.reviewer_name).
 RATING_SEPARATOR = "\x1f"

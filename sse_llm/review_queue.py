@@ -23,13 +23,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sse_llm import review_queries, reviews
-from sse_llm.access import read_form, same_origin
+from sse_llm import review_queries, review_store, reviews
+from sse_llm.access import current_reviewer, read_form, same_origin
 from sse_llm.contract import MAX_NOTE_CHARS, ErrorCode, Verdict
 from sse_llm.dashboard import html_errors, render
 from sse_llm.history_filters import HistoryFilter
 from sse_llm.review_queries import QueueMode, QueueOrder
-from sse_llm.review_slices import current_reviewer, parse_slice, slice_sql
+from sse_llm.review_slices import parse_slice, slice_sql
 from sse_llm.service import service_of
 
 _Choice = TypeVar("_Choice", QueueMode, QueueOrder)
@@ -147,10 +147,13 @@ async def submit_verdict(request: Request) -> Response:
     except ValueError as exc:
         return _refused(422, ErrorCode.VALIDATION_ERROR, str(exc))
     pool = service_of(request).pool
-    if not await review_queries.record_verdict(
-        pool, conversation_id, reviewer, verdict, labels, note
+    if (
+        await review_store.put_review(pool, conversation_id, reviewer, verdict, labels, note)
+        is None
     ):
         return _refused(404, ErrorCode.NOT_FOUND, "No conversation has this id.")
+    # Judged: the claim has done its work (were this lost, it would expire by itself).
+    await review_queries.release_claim(pool, conversation_id, reviewer)
     # The walk goes on from the one just judged: each next page reads a few rows by index,
     # not again the run of conversations judged since the walk began.
     target = queue.query_string(after=conversation_id, done=str(conversation_id))
