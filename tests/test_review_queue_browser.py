@@ -259,3 +259,20 @@ def test_agreement_page_with_two_and_three_reviewers(
 
     page.locator("#disagreements a").first.click()  # settle it on its detail page
     expect(page).to_have_url(re.compile(f"/conversations/{ids['B']}$"))
+
+
+def test_a_new_reviewer_gives_a_name_once_then_reviews(
+    tab: BrowserPage, demo_server: RunningServer, db: psycopg.Connection
+) -> None:
+    tag, me = word(), word()
+    conversation_id = str(insert(db, f"{tag} first one"))
+    page = tab.page
+    page.goto(f"{demo_server.url}/review?q={tag}&order=sample")
+    page.get_by_label("Your name").fill(me)
+    page.get_by_role("button", name="Start reviewing").click()
+
+    expect(page).to_have_url(re.compile(rf"/review\?q={tag}.*order=sample"))
+    assert served_id(tab) == conversation_id
+    page.keyboard.press("b")
+    expect(page.locator(".queue-judged")).to_contain_text("Recorded your verdict")
+    assert verdict_of(db, me) == [("bad",)]
