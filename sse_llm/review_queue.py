@@ -95,9 +95,12 @@ async def review_page(request: Request) -> Response:
     service = service_of(request)
     judged_id = _uuid(request.query_params.get("done"))
     if judged_id is not None:
-        # My verdict on it is in: its model and its colleagues' reviews may show now.
-        context["judged"] = await review_queries.get_conversation(service.pool, judged_id)
-        context["judged_reviews"] = await review_queries.reviews_of(service.pool, judged_id)
+        judged_reviews = await review_queries.reviews_of(service.pool, judged_id)
+        # Only once my verdict on it is in may its model and colleagues' reviews show
+        # (`done` is in the URL: anyone can write any id there).
+        if any(review.reviewer == reviewer for review in judged_reviews):
+            context["judged"] = await review_queries.get_conversation(service.pool, judged_id)
+            context["judged_reviews"] = judged_reviews
     conversation_id = await review_queries.next_to_review(
         service.pool,
         service.query_pool,

@@ -357,3 +357,15 @@ def test_the_slice_is_any_history_filter(
     assert served(reviewer_client, q=tag, verdict="bad") == judged_bad
     skip(reviewer_client, judged_bad, q=tag, verdict="bad")
     assert served(reviewer_client, q=tag, status="failed") == failed
+
+
+def test_done_reveals_only_a_conversation_i_judged(
+    reviewer_client: httpx.Client, db: psycopg.Connection
+) -> None:
+    tag, model = word(), f"model{word()}"
+    other = insert(db, f"{tag} not mine", model=model)
+    page = reviewer_client.get(f"/review?q={word()}&blind=1&done={other}")
+    assert model not in page.text  # a forged `done` shows nothing
+    review(db, other, reviewer_client.cookies["sse_llm_reviewer"], "good")
+    page = reviewer_client.get(f"/review?q={word()}&blind=1&done={other}")
+    assert model in page.text
