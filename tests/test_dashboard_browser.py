@@ -114,7 +114,10 @@ class DroppingProxy:
             sink.shutdown(socket.SHUT_WR)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright's sync API is open its event loop counts
+# as running in the main thread, so every async test after it (pytest-asyncio) and every
+# other module's browser would fail; each browser module imports this fixture.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         if os.environ.get("CI"):  # a skip would pass CI without the browser tests
