@@ -15,7 +15,16 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sse_llm import access, api, dashboard, openai_api, review_pages, reviews_api
+from sse_llm import (
+    access,
+    agreement_pages,
+    api,
+    dashboard,
+    openai_api,
+    review_pages,
+    review_queue,
+    reviews_api,
+)
 from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
@@ -54,6 +63,8 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             *openai_api.routes,
             *reviews_api.routes,
             *review_pages.routes,
+            *review_queue.routes,
+            *agreement_pages.routes,
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
         ],

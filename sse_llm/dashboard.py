@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -23,14 +23,22 @@ import psycopg
 from markupsafe import Markup
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from sse_llm import __version__, access, history_queries, passages, review_store
-from sse_llm.contract import MAX_OFFSET, MAX_QUERY_CHARS, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Status
+from sse_llm.contract import (
+    MAX_OFFSET,
+    MAX_QUERY_CHARS,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    Status,
+    Verdict,
+)
 from sse_llm.database import QueriesBusy, QueryTimeout
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
+from sse_llm.history_filters import HistoryFilter, parse_filter
 from sse_llm.history_queries import HIT_START, HIT_STOP
 from sse_llm.markdown import MAX_RENDER_CHARS, THREAD_ABOVE_CHARS, MarkdownRenderer
 from sse_llm.providers.base import message_text
@@ -57,43 +65,92 @@ SECURITY_HEADERS = {
 Handler = Callable[[Request], Awaitable[Response]]
 
 _MARKERS = re.compile(f"([{HIT_START}{HIT_STOP}])")
-_STATUS_NAMES = frozenset(Status)
 
 
 @dataclass(frozen=True)
 class HistorySearch:
-    """What the history page shows: the `q`, `status`, `limit` and `offset` of its URL."""
+    """What the history page shows: the history filters of its URL, `limit` and `offset`."""
 
-    q: str = ""
-    status: str = ""
+    filter: HistoryFilter = field(default_factory=HistoryFilter)
     limit: int = PAGE_SIZE_DEFAULT
     offset: int = 0
 
     @classmethod
     def from_request(cls, request: Request) -> HistorySearch:
         """Read the query string forgivingly: a person typed it, so out-of-range values are
-        clamped and unknown statuses ignored instead of answered with an error page."""
+        clamped and what cannot be read is ignored instead of answered with an error page."""
         params = request.query_params
         q = params.get("q", "").replace("\x00", "").strip()[:MAX_QUERY_CHARS]
-        status = params.get("status", "")
+        chosen = replace(parse_filter(params, strict=False), q=q or None)
         return cls(
-            q=q,
-            status=status if status in _STATUS_NAMES else "",
+            filter=chosen,
             limit=_clamped_int(params.get("limit"), PAGE_SIZE_DEFAULT, 1, PAGE_SIZE_MAX),
             offset=_clamped_int(params.get("offset"), 0, 0, MAX_OFFSET),
         )
 
+    @property
+    def q(self) -> str:
+        """The search words, or ""."""
+        return self.filter.q or ""
+
+    @property
+    def status(self) -> str:
+        """The status filter, or ""."""
+        return self.filter.status or ""
+
     def link(self, **changes: Any) -> str:
-        """The URL of this page with some parameters changed (None or "" drops one)."""
-        values: dict[str, Any] = {key: "" if v is None else v for key, v in changes.items()}
-        search = replace(self, **values)
-        params = {"q": search.q, "status": search.status}
-        if search.limit != PAGE_SIZE_DEFAULT:
-            params["limit"] = str(search.limit)
-        if search.offset:
-            params["offset"] = str(search.offset)
-        query = urlencode({key: value for key, value in params.items() if value})
-        return f"/?{query}" if query else "/"
+        """The URL of this page with some parameters changed (None or "" drops one).
+
+        Any change starts from the newest conversation again unless it names `before`.
+        """
+        limit = changes.pop("limit", self.limit)
+        offset = changes.pop("offset", self.offset) or 0
+        fields: dict[str, Any] = {
+            key: (value if value not in ("", None) else None) for key, value in changes.items()
+        }
+        fields.setdefault("before", None)
+        if "labels" in fields:
+            fields["labels"] = tuple(fields["labels"] or ())
+        chosen = replace(self.filter, **fields)
+        pairs = chosen.pairs()
+        if limit != PAGE_SIZE_DEFAULT:
+            pairs.append(("limit", str(limit)))
+        if offset:
+            pairs.append(("offset", str(offset)))
+        return f"/?{urlencode(pairs)}" if pairs else "/"
+
+    def with_label(self, label: str) -> str:
+        """The URL of this page's first page, also asking for `label`."""
+        return self.link(offset=0, labels=(*dict.fromkeys((*self.filter.labels, label)),))
+
+    def chips(self) -> list[tuple[str, str]]:
+        """Each active filter as (what it says, the URL without it)."""
+        chosen = self.filter
+        found: list[tuple[str, str]] = []
+        for name, value in (
+            ("search", chosen.q),
+            ("status", chosen.status),
+            ("verdict", chosen.verdict),
+            ("consensus", chosen.consensus),
+            ("reviewer", chosen.reviewer),
+            ("model", chosen.model),
+        ):
+            if value:
+                parameter = "q" if name == "search" else name
+                found.append((f"{name}: {value}", self.link(offset=0, **{parameter: None})))
+        for label in chosen.labels:
+            rest = tuple(other for other in chosen.labels if other != label)
+            found.append((f"label: {label}", self.link(offset=0, labels=rest)))
+        if chosen.reviewed is not None:
+            said = "reviewed" if chosen.reviewed else "not reviewed"
+            found.append((said, self.link(offset=0, reviewed=None)))
+        if chosen.from_ is not None:
+            found.append(
+                (f"from {format_utc(chosen.from_, True)}", self.link(offset=0, from_=None))
+            )
+        if chosen.to is not None:
+            found.append((f"until {format_utc(chosen.to, True)}", self.link(offset=0, to=None)))
+        return found
 
 
 def _clamped_int(raw: str | None, default: int, low: int, high: int) -> int:
@@ -104,17 +161,22 @@ def _clamped_int(raw: str | None, default: int, low: int, high: int) -> int:
     return min(max(value, low), high)
 
 
+def _local_input(moment: datetime | None) -> str:
+    """A time as a datetime-local input's value, in UTC (the form says so)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M") if moment else ""
+
+
 async def history_page(request: Request) -> Response:
-    """GET /: the history, newest first, with search, status filter, counts and paging."""
+    """GET /: the history, newest first, with search, the history filters, counts and paging."""
+    if any(value.strip() == "" for _, value in request.query_params.multi_items()):
+        # A submitted form sends its empty fields too: answer with the short URL, the
+        # one worth bookmarking.
+        return RedirectResponse(HistorySearch.from_request(request).link(), status_code=303)
     search = HistorySearch.from_request(request)
     # Both reads grow with the history: the query pool, under its statement timeout.
     pool = service_of(request).query_pool
     page = await history_queries.list_history_rows(
-        pool,
-        limit=search.limit,
-        offset=search.offset,
-        query=search.q or None,
-        status=search.status or None,
+        pool, limit=search.limit, offset=search.offset, history_filter=search.filter
     )
     counts = await history_queries.count_by_status(pool)
     by_status = {count.status: count.count for count in counts}
@@ -122,12 +184,16 @@ async def history_page(request: Request) -> Response:
         "active": "history",
         "search": search,
         "rows": page.items,
+        "reviews": page.reviews,
         "has_more": page.has_more,
         "counts": [(status, by_status.get(status, 0)) for status in Status],
         "total": sum(by_status.values()),
         "statuses": list(Status),
+        "verdicts": list(Verdict),
         "default_limit": PAGE_SIZE_DEFAULT,
         "max_query_chars": MAX_QUERY_CHARS,
+        "from_value": _local_input(search.filter.from_),
+        "to_value": _local_input(search.filter.to),
     }
     return render(request, "history.html", context)
 

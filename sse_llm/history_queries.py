@@ -9,23 +9,37 @@ assemble a streaming conversation from its chunks are shared from store.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
+from sse_llm import history_filters
+from sse_llm.contract import Status, Verdict
+from sse_llm.history_filters import HistoryFilter
 from sse_llm.store import CONVERSATION_COLUMNS, LIVE_CHUNK_COUNT, LIVE_RESPONSE, Conversation
 
 
 @dataclass(frozen=True)
+class ReviewSummary:
+    """One review as a history row shows it: who, the verdict, the labels (no note)."""
+
+    reviewer: str
+    verdict: Verdict
+    labels: list[str]
+
+
+@dataclass(frozen=True)
 class HistoryPage:
-    """One page of conversations, newest first."""
+    """One page of conversations, newest first, and the reviews of each (by id)."""
 
     items: list[Conversation]
     has_more: bool
+    reviews: dict[UUID, list[ReviewSummary]] = field(default_factory=dict)
 
 
 async def list_conversations(
@@ -35,29 +49,45 @@ async def list_conversations(
     offset: int,
     query: str | None = None,
     status: str | None = None,
+    history_filter: HistoryFilter | None = None,
 ) -> HistoryPage:
-    """A page of conversations, newest first, optionally full-text searched and filtered.
+    """A page of conversations, newest first, chosen by the history filters (SPEC 9).
 
-    `query` uses web search syntax (words, "phrases", -excluded, or).
+    `query` and `status` are shorthands for a filter with only those; `query` uses web
+    search syntax (words, "phrases", -excluded, or).
     """
-    conditions = [sql.SQL("TRUE")]
-    if query:
-        conditions.append(sql.SQL("c.search @@ websearch_to_tsquery('english', %(query)s)"))
-    if status:
-        conditions.append(sql.SQL("c.status = %(status)s"))
-    statement = sql.SQL("""
-        SELECT {columns} FROM conversations c
-        WHERE {conditions}
-        ORDER BY c.created_at DESC, c.id DESC
-        LIMIT %(limit)s OFFSET %(offset)s
-    """).format(columns=CONVERSATION_COLUMNS, conditions=sql.SQL(" AND ").join(conditions))
-    # One extra row tells whether another page exists, without a count(*).
-    params = {"query": query, "status": status, "limit": limit + 1, "offset": offset}
+    chosen = history_filter or HistoryFilter(q=query, status=Status(status) if status else None)
     async with pool.connection() as conn:
+        page = await page_ids(conn, chosen, limit + 1, offset)
+        # One extra row tells whether another page exists, without a count(*).
+        ids = [row[0] for row in page[:limit]]
+        statement = sql.SQL("""
+            SELECT {columns}
+            FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS page(id, position)
+            JOIN conversations c ON c.id = page.id
+            ORDER BY page.position
+        """).format(columns=CONVERSATION_COLUMNS)
         cursor = conn.cursor(row_factory=class_row(Conversation))
-        await cursor.execute(statement, params)
+        await cursor.execute(statement, {"ids": ids})
         rows = await cursor.fetchall()
-    return HistoryPage(items=rows[:limit], has_more=len(rows) > limit)
+        reviews = await reviews_of(conn, ids)
+    return HistoryPage(items=rows, has_more=len(page) > limit, reviews=reviews)
+
+
+async def reviews_of(conn: AsyncConnection, ids: list[UUID]) -> dict[UUID, list[ReviewSummary]]:
+    """The reviews of these conversations, in one query by the reviews' primary key."""
+    cursor = await conn.execute(
+        """
+        SELECT r.conversation_id, r.reviewer, r.verdict, r.labels FROM reviews r
+        WHERE r.conversation_id = ANY(%(ids)s::uuid[])
+        ORDER BY r.conversation_id, r.reviewer
+        """,
+        {"ids": ids},
+    )
+    found: dict[UUID, list[ReviewSummary]] = {conversation_id: [] for conversation_id in ids}
+    for conversation_id, reviewer, verdict, labels in await cursor.fetchall():
+        found[conversation_id].append(ReviewSummary(reviewer, Verdict(verdict), labels))
+    return found
 
 
 # The dashboard's rows: search hits come back wrapped in two private-use characters
@@ -101,10 +131,11 @@ class HistoryRow:
 
 @dataclass(frozen=True)
 class HistoryRows:
-    """One page of history rows, newest first."""
+    """One page of history rows, newest first, and the reviews of each (by id)."""
 
     items: list[HistoryRow]
     has_more: bool
+    reviews: dict[UUID, list[ReviewSummary]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,80 +168,254 @@ async def list_history_rows(
     offset: int,
     query: str | None = None,
     status: str | None = None,
+    history_filter: HistoryFilter | None = None,
 ) -> HistoryRows:
     """A page of the history as excerpts, newest first; a search marks its hits (ts_headline).
 
-    `query` is the same web search as list_conversations. The page's ids are found first,
-    then only those rows are read, so a deep offset or a long answer costs no more than it must.
+    Chosen as list_conversations chooses. The page's ids are found first, then only
+    those rows are read, so a deep page or a long answer costs no more than it must.
     """
+    chosen = history_filter or HistoryFilter(q=query, status=Status(status) if status else None)
     async with pool.connection() as conn:
-        if query:
-            page = await _search_page(conn, query, status, limit + 1, offset)
-        else:
-            page = await _history_page(conn, status, limit + 1, offset)
+        page = await page_ids(conn, chosen, limit + 1, offset)
         # One extra row tells whether another page exists, without a count(*).
-        rows = await _history_rows(conn, [row[0] for row in page[:limit]], query)
-    return HistoryRows(items=rows, has_more=len(page) > limit)
+        ids = [row[0] for row in page[:limit]]
+        rows = await _history_rows(conn, ids, chosen.q)
+        reviews = await reviews_of(conn, ids)
+    return HistoryRows(items=rows, has_more=len(page) > limit, reviews=reviews)
 
 
-async def _history_page(
-    conn: AsyncConnection, status: str | None, limit: int, offset: int
-) -> list[tuple[UUID, datetime]]:
-    """The ids of one page of the history, from the (status, created_at) indexes alone."""
-    condition = sql.SQL("c.status = %(status)s" if status else "TRUE")
-    statement = sql.SQL("""
-        SELECT c.id, c.created_at FROM conversations c WHERE {condition}
-        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(condition=condition)
-    cursor = await conn.execute(statement, {"status": status, "limit": limit, "offset": offset})
+# Finding a page's ids. Each way is bounded by what it walks: the newest conversations
+# (a window), the reviews that can match (at most the reviews table), or a search's hits.
+
+_Ids = list[tuple[UUID, datetime]]
+
+
+async def page_ids(
+    conn: AsyncConnection, history_filter: HistoryFilter, limit: int, offset: int
+) -> _Ids:
+    """The (id, created_at) of one page of the filtered history, newest first.
+
+    With no condition on reviews and no search, the conversations' own indexes find
+    the page. Otherwise the newest conversations are tested first (a bounded window:
+    quick for whatever is common among recent rows); when they hold too few matches,
+    the page is walked from the reviews side (in the history's order, by the reviews'
+    indexes: the cost grows with the reviews that can match, not the history), else
+    from the search's index. A `before` that names no conversation gives an empty page.
+    """
+    try:
+        keyset, params = await _keyset(conn, history_filter.before)
+    except LookupError:
+        return []
+    chosen = history_filter.without_cursor()
+    params.update(limit=limit, offset=offset)
+    if not (chosen.q or chosen.reviews_filtered):
+        return await _walk_conversations(conn, chosen, keyset, params)
+    window = min(max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)), 5 * _SEARCH_WINDOW_ROWS)
+    if offset + limit <= window:
+        page = await _newest_window(conn, chosen, keyset, params | {"window": window})
+        if len(page) == limit:
+            return page  # the newest rows hold the whole page: the same as a full walk
+    shares = await _label_shares(conn, chosen.labels)
+    # The walk from the reviews side starts from the rarest label.
+    rarest_first = replace(chosen, labels=tuple(sorted(chosen.labels, key=shares.__getitem__)))
+    walk = _review_driver(rarest_first)
+    if walk is not None:
+        driver, driver_params, rest = walk
+        gather = bool(shares) and min(shares.values()) < _RARE_LABEL_SHARE
+        return await _walk_reviews(conn, rest, driver, params | driver_params, gather=gather)
+    if chosen.q:
+        return await _walk_search_index(conn, chosen, keyset, params)
+    return await _walk_conversations(conn, chosen, keyset, params)
+
+
+async def _keyset(
+    conn: AsyncConnection, before: UUID | None
+) -> tuple[sql.Composable, dict[str, Any]]:
+    """The condition "older than `before`" on conversations `c`, and its parameters."""
+    if before is None:
+        return sql.SQL("TRUE"), {"cursor_at": None, "cursor_id": None}
+    cursor = await conn.execute(
+        "SELECT c.created_at FROM conversations c WHERE c.id = %s", [before]
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        # Empty, not an error: a cursor goes only when its conversation is deleted, and
+        # retention deletes the oldest first, so what came after it is gone too.
+        raise LookupError(before)
+    # A row comparison matches the (created_at DESC, id DESC) indexes: an index range.
+    keyset = sql.SQL("(c.created_at, c.id) < (%(cursor_at)s, %(cursor_id)s)")
+    return keyset, {"cursor_at": row[0], "cursor_id": before}
+
+
+async def _fetch(conn: AsyncConnection, statement: sql.Composed, params: dict[str, Any]) -> _Ids:
+    cursor = await conn.execute(statement, params)
     return await cursor.fetchall()
 
 
-async def _search_page(
-    conn: AsyncConnection, query: str, status: str | None, limit: int, offset: int
-) -> list[tuple[UUID, datetime]]:
-    """The ids of one page of search results, newest first, in bounded time.
-
-    PostgreSQL would walk the newest-first index testing each row, which is quick for a
-    word found everywhere but reads every row for a word that is only in old ones. So
-    the walk is limited to the newest rows (each test costs a read of the row's tsvector);
-    when they hold too few hits, the page comes from the full-text index instead, whose
-    cost grows with the number of hits, not with the size of the history.
-    """
-    status_condition = sql.SQL("c.status = %(status)s" if status else "TRUE")
-    params: dict[str, object] = {
-        "query": query,
-        "status": status,
-        "limit": limit,
-        "offset": offset,
-    }
-    newest = sql.SQL("""
-        SELECT recent.id, recent.created_at FROM (
-            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {status}
-            ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
-        ) AS recent
-        WHERE recent.search @@ websearch_to_tsquery('english', %(query)s)
-        ORDER BY recent.created_at DESC, recent.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(status=status_condition)
-    # Deeper pages look further, up to a bound: past it the index is the cheaper way.
-    window = min(max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)), 5 * _SEARCH_WINDOW_ROWS)
-    params["window"] = window
-    if offset + limit <= window:
-        cursor = await conn.execute(newest, params)
-        page = await cursor.fetchall()
-        if len(page) == limit:
-            return page  # the newest rows hold the whole page: the same as a full search
-    everything = sql.SQL("""
-        SELECT c.id, c.created_at FROM conversations c
-        WHERE c.search @@ websearch_to_tsquery('english', %(query)s) AND {status}
+async def _walk_conversations(
+    conn: AsyncConnection, chosen: HistoryFilter, keyset: sql.Composable, params: dict[str, Any]
+) -> _Ids:
+    """The page from the conversations' (status | model, created_at, id) indexes."""
+    condition, filter_params = history_filters.condition(chosen)
+    statement = sql.SQL("""
+        SELECT c.id, c.created_at FROM conversations c WHERE {condition} AND {keyset}
         ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(status=status_condition)
+    """).format(condition=condition, keyset=keyset)
+    return await _fetch(conn, statement, params | filter_params)
+
+
+async def _newest_window(
+    conn: AsyncConnection, chosen: HistoryFilter, keyset: sql.Composable, params: dict[str, Any]
+) -> _Ids:
+    """The page among the newest `window` conversations that match the cheap conditions."""
+    plain = HistoryFilter(
+        status=chosen.status, model=chosen.model, from_=chosen.from_, to=chosen.to
+    )
+    inner, inner_params = history_filters.condition(plain)
+    outer, outer_params = history_filters.condition(
+        replace(chosen, status=None, model=None, from_=None, to=None)
+    )
+    statement = sql.SQL("""
+        SELECT c.id, c.created_at FROM (
+            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {inner} AND {keyset}
+            ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
+        ) AS c
+        WHERE {outer}
+        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
+    """).format(inner=inner, keyset=keyset, outer=outer)
+    return await _fetch(conn, statement, params | inner_params | outer_params)
+
+
+def _review_driver(
+    chosen: HistoryFilter,
+) -> tuple[sql.Composable, dict[str, Any], HistoryFilter] | None:
+    """A condition on one review `d` per matching conversation, for walking reviews, its
+    parameters, and what the filter asks beyond it (checked per conversation).
+
+    One review per conversation: R's own (the primary key makes it unique), else the
+    matching review with the first reviewer name (the rest are skipped by a probe of the
+    primary key), so the walk stays in the index's order and needs no DISTINCT.
+    """
+    first = sql.SQL(
+        "NOT EXISTS (SELECT 1 FROM reviews e WHERE e.conversation_id = d.conversation_id"
+        " AND e.reviewer < d.reviewer AND {same})"
+    )
+    if chosen.reviewer is not None and chosen.reviewed is not False:
+        parts = ["d.reviewer = %(driver_reviewer)s"]
+        if chosen.verdict is not None:
+            parts.append("d.verdict = %(driver_verdict)s")
+        if chosen.labels:
+            parts.append("d.labels @> %(driver_labels)s::text[]")
+        params = {
+            "driver_reviewer": chosen.reviewer,
+            "driver_verdict": chosen.verdict,
+            "driver_labels": list(chosen.labels),
+        }
+        rest = replace(chosen, reviewer=None, verdict=None, labels=(), reviewed=None)
+        return sql.SQL(" AND ".join(parts)), params, rest
+    if chosen.labels:
+        same = sql.SQL("e.labels @> %(driver_labels)s::text[]")
+        driver = sql.SQL("d.labels @> %(driver_labels)s::text[] AND {}").format(
+            first.format(same=same)
+        )
+        rest = replace(chosen, labels=chosen.labels[1:])
+        return driver, {"driver_labels": [chosen.labels[0]]}, rest
+    if chosen.verdict is not None or chosen.consensus is not None:
+        same = sql.SQL("e.verdict = d.verdict")
+        driver = sql.SQL("d.verdict = %(driver_verdict)s AND {}").format(first.format(same=same))
+        # consensus stays in the rest: no review may have another verdict.
+        return (
+            driver,
+            {"driver_verdict": chosen.verdict or chosen.consensus},
+            replace(chosen, verdict=None),
+        )
+    if chosen.reviewed is True:
+        return first.format(same=sql.SQL("TRUE")), {}, replace(chosen, reviewed=None)
+    return None  # only "not reviewed (by R)": no review to walk
+
+
+# A label on fewer reviews than this share is gathered whole (by the GIN index) and
+# sorted, rather than walked for in the history's order: the walk would pass every
+# review newer than its newest use (say, a label only old conversations have).
+_RARE_LABEL_SHARE = 0.02
+
+
+async def _label_shares(conn: AsyncConnection, labels: tuple[str, ...]) -> dict[str, float]:
+    """The share of reviews with each label, from the planner's statistics of
+    reviews.labels; a label too rare to be listed there has share 0."""
+    if not labels:
+        return {}
+    cursor = await conn.execute(
+        """
+        SELECT found.label, found.share
+        FROM pg_stats s, unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs)
+            AS found(label, share)
+        WHERE s.schemaname = current_schema() AND s.tablename = 'reviews'
+          AND s.attname = 'labels' AND found.label = ANY(%(labels)s::text[])
+        """,
+        {"labels": list(labels)},
+    )
+    shares = {label: float(share) for label, share in await cursor.fetchall()}
+    return {label: shares.get(label, 0.0) for label in labels}
+
+
+async def _walk_reviews(
+    conn: AsyncConnection,
+    chosen: HistoryFilter,
+    driver: sql.Composable,
+    params: dict[str, Any],
+    *,
+    gather: bool,
+) -> _Ids:
+    """The page walked from the reviews that can match, newest conversation first;
+    `gather`: all of them first (few: a rare label's), then sorted.
+
+    The cursor and the time range apply to the review's copy of its conversation's
+    created_at, so they narrow the reviews' index range; the planner may still start
+    from the conversations' side when a condition there is rarer (a model, a search).
+    """
+    condition, filter_params = history_filters.condition(chosen)
+    ranges = [sql.SQL("TRUE")]
+    if params["cursor_id"] is not None:
+        ranges.append(
+            sql.SQL(
+                "(d.conversation_created_at, d.conversation_id) < (%(cursor_at)s, %(cursor_id)s)"
+            )
+        )
+    if chosen.from_ is not None:
+        ranges.append(sql.SQL("d.conversation_created_at >= %(filter_from)s"))
+    if chosen.to is not None:
+        ranges.append(sql.SQL("d.conversation_created_at < %(filter_to)s"))
+    statement = sql.SQL("""
+        WITH d AS {materialized} (SELECT d.* FROM reviews d WHERE {driver} AND {ranges})
+        SELECT c.id, c.created_at FROM d JOIN conversations c ON c.id = d.conversation_id
+        WHERE {condition}
+        ORDER BY d.conversation_created_at DESC, d.conversation_id DESC
+        LIMIT %(limit)s OFFSET %(offset)s
+    """).format(
+        materialized=sql.SQL("MATERIALIZED" if gather else "NOT MATERIALIZED"),
+        driver=driver,
+        ranges=sql.SQL(" AND ").join(ranges),
+        condition=condition,
+    )
+    return await _fetch(conn, statement, params | filter_params)
+
+
+async def _walk_search_index(
+    conn: AsyncConnection, chosen: HistoryFilter, keyset: sql.Composable, params: dict[str, Any]
+) -> _Ids:
+    """The page from the full-text index: its cost grows with the hits, not the history."""
+    condition, filter_params = history_filters.condition(chosen)
+    statement = sql.SQL("""
+        SELECT c.id, c.created_at FROM conversations c WHERE {condition} AND {keyset}
+        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
+    """).format(condition=condition, keyset=keyset)
     async with conn.transaction():
         # Only the full-text index: the planner's other choices test every row.
         await conn.execute("SET LOCAL enable_indexscan = off")
         await conn.execute("SET LOCAL enable_seqscan = off")
-        cursor = await conn.execute(everything, params)
-        return await cursor.fetchall()
+        return await _fetch(conn, statement, params | filter_params)
 
 
 async def _history_rows(

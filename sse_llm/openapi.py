@@ -226,11 +226,15 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "schema": {"enum": [*Status, ""]},
                         "description": "Only this status; empty means any.",
                     },
+                    *_HISTORY_FILTERS,
                 ],
                 "responses": {
                     "200": _json("HistoryPage", "A page of conversations."),
                     "401": _error("The API key is missing or wrong."),
-                    "422": _error("A parameter is out of range."),
+                    "422": _error(
+                        "A parameter is out of range or unknown (the message names it),"
+                        " or `from` is later than `to`."
+                    ),
                     "503": _error(
                         "The database is unavailable, the search ran past SSE_LLM_QUERY_TIMEOUT "
                         "(`query_timeout`), or too many are running (`too_many_queries`)."
@@ -250,6 +254,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             }
         },
+        "/agreement": _AGREEMENT_PATH,
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streamed or not",
@@ -563,6 +568,73 @@ _NOT_BLANK = "^[^\\u0000]*[^\\s\\u0000\\u001c-\\u001f\\u0085][^\\u0000]*$"
 
 _NO_NUL = "^[^\\u0000]*$"
 
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+# No /, no control characters (SPEC 9's names; `.` and `..` are refused too).
+_REVIEWER_PATTERN = "^[^/\\u0000-\\u001f\\u007f-\\u009f]*$"
+_NO_CONTROL_CHARACTERS = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_VERDICT_OR_EMPTY = {"enum": [*Verdict, ""]}
+_TIME_PARAMETER = {"type": "string", "format": "date-time"}
+# SPEC 9's history filters, AND between parameters; an empty value means the filter is off.
+_HISTORY_FILTERS = [
+    _query("verdict", _VERDICT_OR_EMPTY, "Some review has this verdict (with `reviewer`: theirs)."),
+    _query("consensus", _VERDICT_OR_EMPTY, "It has reviews, and all have this verdict."),
+    _query(
+        "reviewer",
+        {"type": "string", "maxLength": MAX_REVIEWER_CHARS, "pattern": _REVIEWER_PATTERN},
+        "This reviewer reviewed it; with `verdict`/`label`, their own review has them.",
+    ),
+    {
+        "name": "label",
+        "in": "query",
+        "style": "form",
+        "explode": True,
+        "schema": {
+            "type": "array",
+            "maxItems": MAX_LABELS,
+            "items": {
+                "type": "string",
+                "maxLength": MAX_LABEL_CHARS,
+                "pattern": _NO_CONTROL_CHARACTERS,
+            },
+        },
+        "description": (
+            "Some review has this label (normalised like labels: trimmed, case-folded);"
+            " repeat it, or separate labels by commas, for all of them."
+        ),
+    },
+    _query(
+        "reviewed",
+        {"enum": ["true", "false", ""]},
+        "Has a review / has none; with `reviewer`, by them / not by them (then `verdict`"
+        " and `label` are anyone's).",
+    ),
+    _query(
+        "model",
+        {"type": "string", "maxLength": MAX_MODEL_CHARS, "pattern": _NO_NUL},
+        "Only this model.",
+    ),
+    _query(
+        "from",
+        _TIME_PARAMETER,
+        "ISO 8601; created at or after it. Without a zone: UTC.",
+    ),
+    _query(
+        "to",
+        _TIME_PARAMETER,
+        "ISO 8601; created before it (exclusive). Without a zone: UTC. Not before `from`.",
+    ),
+    _query(
+        "before",
+        {"type": "string", "format": "uuid"},
+        "Keyset paging: the page after this conversation (the last item's `id`), in the"
+        " same order; as fast deep in the history as at its start. An id that names no"
+        " conversation (deleted) gives an empty page.",
+    ),
+]
 # Labels are trimmed and case-folded before their length is checked (case-folding can
 # lengthen one: ß is ss), so the schema bounds what is sent loosely; the route decides.
 _LABEL = {"type": "string", "minLength": 1, "pattern": "^[^,\\u0000-\\u001f\\u007f-\\u009f]*$"}
@@ -634,6 +706,24 @@ _SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "provider": {"type": "string"},
             "chunks": {"type": "integer", "minimum": 0},
+            "reviews": {
+                "description": "Its reviews (in GET /history's items), notes left out.",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["reviewer", "verdict", "labels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "reviewer": {"type": "string", "maxLength": MAX_REVIEWER_CHARS},
+                        "verdict": {"enum": list(Verdict)},
+                        "labels": {
+                            "type": "array",
+                            "maxItems": MAX_LABELS,
+                            "items": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                        },
+                    },
+                },
+            },
             "error": {
                 "oneOf": [
                     {"type": "null"},
@@ -774,6 +864,71 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     },
+}
+
+
+# GET /agreement (SPEC 9): the history filters choose the conversations, `reviewers` whose
+# reviews count.
+_FIGURE = {
+    "type": "object",
+    "required": ["agreement", "kappa", "method"],
+    "additionalProperties": False,
+    "properties": {
+        "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "kappa": {"type": ["number", "null"]},
+        "method": {"enum": ["cohen", "fleiss"]},
+    },
+}
+_SCHEMAS["Agreement"] = {
+    "type": "object",
+    "required": ["conversations", "reviewers", "verdict", "labels", "disagreements"],
+    "additionalProperties": False,
+    "properties": {
+        "conversations": {"type": "integer", "minimum": 0},
+        "reviewers": {"type": "array", "items": {"type": "string"}},
+        "verdict": _FIGURE,
+        "labels": {"type": "object", "additionalProperties": _FIGURE},
+        "disagreements": {
+            "type": "object",
+            "required": ["count", "ids"],
+            "additionalProperties": False,
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "ids": {
+                    "type": "array",
+                    "maxItems": 100,
+                    "items": {"type": "string", "format": "uuid"},
+                },
+            },
+        },
+    },
+}
+_AGREEMENT_PATH = {
+    "get": {
+        "summary": "Agreement between reviewers: share and kappa per verdict and per label",
+        "description": "Cohen's kappa when exactly two reviewers count, else Fleiss' kappa "
+        "generalised to unequal raters per conversation; null where undefined.",
+        "parameters": [
+            _query(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL},
+                'Web search syntax: words, "phrases", -excluded, or.',
+            ),
+            _query("status", {"enum": [*Status, ""]}, "Only this status; empty means any."),
+            *(f for f in _HISTORY_FILTERS if f["name"] != "before"),
+            _query(
+                "reviewers",
+                {"type": "string", "pattern": _NO_NUL},
+                "Comma-separated names: only their reviews count (empty: everyone's).",
+            ),
+        ],
+        "responses": {
+            "200": _json("Agreement", "The figures, and the conversations they disagree on."),
+            "401": _error("The API key is missing or wrong."),
+            "422": _error("A filter or a reviewer name is invalid."),
+            "503": _UNAVAILABLE,
+        },
+    }
 }
 
 

@@ -13,12 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
+from schemathesis.checks import positive_data_acceptance
 
 from tests.conftest import RunningServer
 from tests.sse_client import chunk_text, iter_events
 
 # The same examples every run, so CI cannot flake; FUZZ_RANDOM=1 explores new ones.
 DERANDOMIZE = not os.environ.get("FUZZ_RANDOM")
+
+# Operations with a rule between parameters that a schema cannot state (`from` <= `to`,
+# SPEC 9's label and name normalisation): a schema-valid request may rightly be a 422.
+CROSS_PARAMETER_RULES = {"GET /history", "GET /agreement"}
 
 LEAKS = ("Traceback", 'File "', "psycopg", "SELECT ", "INSERT ", "/work/", "site-packages", '.py"')
 
@@ -35,6 +40,7 @@ def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: Genera
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     for operation in operations:
+        excluded = [positive_data_acceptance] if operation.label in CROSS_PARAMETER_RULES else []
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
@@ -45,7 +51,12 @@ def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: Genera
             suppress_health_check=list(HealthCheck),
         )
         def check(case: Case) -> None:
-            response = case.call_and_validate(base_url=demo_server.url, timeout=30)
+            # Called at once, in this iteration (hypothesis refuses a default argument).
+            response = case.call_and_validate(
+                base_url=demo_server.url,
+                timeout=30,
+                excluded_checks=excluded,  # noqa: B023
+            )
             assert response.status_code < 500
             assert_no_leak(response.text)
 

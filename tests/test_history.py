@@ -37,6 +37,7 @@ def test_history_defaults(client: httpx.Client) -> None:
         "provider",
         "chunks",
         "error",
+        "reviews",  # SPEC 9
     }
 
 

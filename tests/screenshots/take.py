@@ -19,8 +19,8 @@ from playwright.sync_api import sync_playwright
 
 from sse_llm.config import Settings
 from sse_llm.database import EmbeddedPostgres
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import start_server
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 
 OUT = Path(__file__).resolve().parent
 PROMPTS = [

@@ -1,0 +1,1 @@
+DROP INDEX conversations_model_newest_idx;

@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS conversations_review_sample_idx;

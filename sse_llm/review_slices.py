@@ -1,0 +1,26 @@
+"""The slice of the history the queue and agreement work on.
+
+The slice is the history filters' (history_filters.py), so the queue and agreement read
+exactly the conversations the history page lists for the same URL; only the keyset
+cursor `before` is dropped (the queue walks on by its own `after`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.datastructures import QueryParams
+
+from sse_llm.history_filters import HistoryFilter, condition, parse_filter
+from sse_llm.review_queries import Slice
+
+
+def parse_slice(params: Mapping[str, str] | QueryParams, *, strict: bool) -> HistoryFilter:
+    """The history filters of a query; `strict` raises ApiError 422 on a bad value."""
+    return parse_filter(params, strict=strict).without_cursor()
+
+
+def slice_sql(history_filter: HistoryFilter) -> Slice:
+    """The filter as the condition on `conversations c` the queue's queries take."""
+    where, params = condition(history_filter)
+    return Slice(where, params, filtered=bool(history_filter.pairs()))
