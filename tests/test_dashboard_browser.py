@@ -114,7 +114,9 @@ class DroppingProxy:
             sink.shutdown(socket.SHUT_WR)
 
 
-@pytest.fixture(scope="session")
+# Per module: a sync Playwright keeps an event loop running in the main thread while it
+# lives, so a second one (another browser test module) or an async test could not start.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         if os.environ.get("CI"):  # a skip would pass CI without the browser tests
