@@ -595,11 +595,9 @@ _HISTORY_FILTERS = [
         "schema": {
             "type": "array",
             "maxItems": MAX_LABELS,
-            "items": {
-                "type": "string",
-                "maxLength": MAX_LABEL_CHARS,
-                "pattern": _NO_CONTROL_CHARACTERS,
-            },
+            # Trimmed and case-folded before the length is checked (ß becomes ss): the
+            # schema bounds what is sent loosely, the route decides.
+            "items": {"type": "string", "pattern": _NO_CONTROL_CHARACTERS},
         },
         "description": (
             "Some review has this label (normalised like labels: trimmed, case-folded);"
