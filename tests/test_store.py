@@ -43,8 +43,17 @@ def new(owner_id: UUID, prompt: str = "a prompt", **more: Any) -> NewConversatio
     return NewConversation(uuid4(), prompt, "a-model", "demo", owner_id, **more)
 
 
-async def streaming(conn: AsyncConnection, owner_id: UUID, prompt: str = "a prompt") -> UUID:
-    """A new conversation `owner_id` streams."""
+async def streaming(
+    conn: AsyncConnection, owner_id: UUID, prompt: str = "a prompt", *, alive: bool = True
+) -> UUID:
+    """A new conversation `owner_id` streams. `alive`: `conn` holds the owner's instance
+    lock, as a live process does, so the recovery sweeps of the session's servers (which
+    share this database) leave its rows alone."""
+    if alive:
+        await conn.execute(
+            "SELECT pg_advisory_lock(%s, hashtext(%s::text))",
+            (store.INSTANCE_LOCK_NAMESPACE, str(owner_id)),
+        )
     (row,) = await store.insert_conversations(conn, [new(owner_id, prompt)])
     return row.id
 

@@ -109,7 +109,8 @@ def test_only_dead_owners_rows_are_interrupted_and_dead_owners_forgotten(
                 " (%s, pg_postmaster_start_time() - interval '1 hour')",
                 (settler, dead, before_restart),
             )
-            rows = {o: await streaming(conn, o) for o in (settler, dead, alive, before_restart)}
+            owners = (settler, dead, alive, before_restart)
+            rows = {o: await streaming(conn, o, alive=False) for o in owners}
             await store.insert_chunks(conn, [Chunk(rows[dead], 1, "last words")], dead)
             first = await store.interrupt_orphaned_conversations(
                 pool, settler_id=settler, quiet_server=None
