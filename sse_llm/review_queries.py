@@ -47,6 +47,9 @@ class Slice:
     condition: sql.Composable
     params: dict[str, Any]
     filtered: bool = True  # False: the condition is TRUE, the whole history
+    # The same condition on review_summaries `s` when the slice is by time alone (its
+    # copied conversation_created_at): agreement then never joins conversations.
+    on_summaries: sql.Composable | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,93 @@ async def agreement_counts(
         row = await cursor.fetchone()
     assert row is not None  # an aggregate always answers one row
     return row
+
+
+@dataclass(frozen=True)
+class SummaryCounts:
+    """Agreement's input from review_summaries (everyone's reviews count), counted.
+
+    `verdicts`: [reviews, good, bad, unsure, n]; `panels`: [reviews, n]; `labels`:
+    [label, reviews, reviews giving it, n]; `reviewers`: who judged a conversation judged
+    twice or more; then the disagreements.
+    """
+
+    verdicts: list[tuple[int, int, int, int, int]]
+    panels: list[tuple[int, int]]
+    labels: list[tuple[str, int, int, int]]
+    reviewers: list[str]
+    disagreements: int
+    ids: list[UUID]
+
+
+async def summary_counts(
+    query_pool: AsyncConnectionPool, slice_: Slice, *, max_ids: int
+) -> SummaryCounts:
+    """Agreement's counts over a slice from the per-conversation summaries (migration 0011):
+    one row per conversation judged 2+ times, never every review. The reviewers are found
+    by a skip scan of reviews_reviewer_idx (a few names), each probed for one such review."""
+    if slice_.on_summaries is not None or not slice_.filtered:
+        join, condition = sql.SQL(""), slice_.on_summaries or sql.SQL("TRUE")
+        probe_join = sql.SQL("")
+    else:
+        join = sql.SQL("JOIN conversations c ON c.id = s.conversation_id")
+        condition = slice_.condition
+        probe_join = join
+    statement = sql.SQL("""
+        WITH RECURSIVE names AS (
+            SELECT min(reviewer) AS name FROM reviews
+            UNION ALL
+            SELECT (SELECT min(r.reviewer) FROM reviews r WHERE r.reviewer > names.name)
+            FROM names WHERE names.name IS NOT NULL
+        ), items AS MATERIALIZED (
+            SELECT s.conversation_id, s.conversation_created_at, s.reviews, s.good, s.bad,
+                   s.unsure
+            FROM review_summaries s {join} WHERE s.reviews >= 2 AND {condition}
+        )
+        SELECT
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(reviews, good, bad, unsure, n)), '[]')
+             FROM (SELECT reviews, good, bad, unsure, count(*) AS n FROM items
+                   GROUP BY 1, 2, 3, 4) v) AS verdicts,
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(reviews, n)), '[]')
+             FROM (SELECT reviews, count(*) AS n FROM items GROUP BY 1) p) AS panels,
+            (SELECT coalesce(jsonb_agg(jsonb_build_array(label, reviews, present, n)), '[]')
+             FROM (SELECT l.label, i.reviews, l.reviews AS present, count(*) AS n
+                   FROM items i JOIN review_label_counts l USING (conversation_id)
+                   GROUP BY 1, 2, 3) x) AS labels,
+            (SELECT coalesce(array_agg(name ORDER BY name), '{{}}') FROM names
+             WHERE name IS NOT NULL AND EXISTS (
+                SELECT 1 FROM reviews r JOIN review_summaries s USING (conversation_id)
+                {probe_join}
+                WHERE r.reviewer = names.name AND s.reviews >= 2 AND {condition})
+            ) AS reviewers,
+            (SELECT count(*) FROM items WHERE greatest(good, bad, unsure) < reviews)
+                AS disagreements,
+            (SELECT coalesce(array_agg(conversation_id), '{{}}')
+             FROM (SELECT conversation_id FROM items
+                   WHERE greatest(good, bad, unsure) < reviews
+                   ORDER BY conversation_created_at DESC, conversation_id DESC
+                   LIMIT %(max_ids)s) d) AS ids
+    """).format(join=join, condition=condition, probe_join=probe_join)
+    async with query_pool.connection() as conn:
+        cursor = conn.cursor(row_factory=class_row(SummaryCounts))
+        await cursor.execute(statement, {**slice_.params, "max_ids": max_ids})
+        row = await cursor.fetchone()
+    assert row is not None  # an aggregate always answers one row
+    return row
+
+
+async def agreement_input(
+    query_pool: AsyncConnectionPool, slice_: Slice, reviewers: list[str] | None, *, max_ids: int
+) -> AgreementCounts | SummaryCounts:
+    """What agreement over a slice is computed from: the summaries when everyone's reviews
+    count, unless exactly two reviewers judged alike items (Cohen's kappa pairs their
+    ratings: their own reviews, by reviews_reviewer_idx, bounded by their counts)."""
+    if reviewers is None:
+        summary = await summary_counts(query_pool, slice_, max_ids=max_ids)
+        if len(summary.reviewers) != 2:
+            return summary
+        reviewers = summary.reviewers
+    return await agreement_counts(query_pool, slice_, reviewers, max_ids=max_ids)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ cursor `before` is dropped (the queue walks on by its own `after`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
+from psycopg import sql
 from starlette.datastructures import QueryParams
 
 from sse_llm.history_filters import HistoryFilter, condition, parse_filter
@@ -23,4 +25,22 @@ def parse_slice(params: Mapping[str, str] | QueryParams, *, strict: bool) -> His
 def slice_sql(history_filter: HistoryFilter) -> Slice:
     """The filter as the condition on `conversations c` the queue's queries take."""
     where, params = condition(history_filter)
-    return Slice(where, params, filtered=bool(history_filter.pairs()))
+    return Slice(
+        where,
+        params,
+        filtered=bool(history_filter.pairs()),
+        on_summaries=_on_summaries(history_filter),
+    )
+
+
+def _on_summaries(history_filter: HistoryFilter) -> sql.Composable | None:
+    """A slice by time alone as a condition on review_summaries `s` (same parameters)."""
+    f = history_filter
+    if not f.pairs() or replace(f, from_=None, to=None).pairs():
+        return None
+    parts = []
+    if f.from_ is not None:
+        parts.append(sql.SQL("s.conversation_created_at >= %(filter_from)s"))
+    if f.to is not None:
+        parts.append(sql.SQL("s.conversation_created_at < %(filter_to)s"))
+    return sql.SQL(" AND ").join(parts)
