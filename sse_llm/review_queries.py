@@ -334,11 +334,17 @@ async def summary_counts(
     by a skip scan of reviews_reviewer_idx (a few names), each probed for one such review."""
     if slice_.on_summaries is not None or not slice_.filtered:
         join, condition = sql.SQL(""), slice_.on_summaries or sql.SQL("TRUE")
-        probe_join = sql.SQL("")
+        # Read again, not from `items`: planned with the table's statistics, a hash join
+        # (a merge join of the CTE's guessed size took twice as long).
+        judged: sql.Composable = sql.SQL(
+            "(SELECT s.conversation_id, s.reviews FROM review_summaries s"
+            " WHERE s.reviews >= 2 AND {condition})"
+        ).format(condition=condition)
     else:
+        # The slice looks at conversations: each judged one joined once, by primary key.
         join = sql.SQL("JOIN conversations c ON c.id = s.conversation_id")
         condition = slice_.condition
-        probe_join = join
+        judged = sql.SQL("items")
     statement = sql.SQL("""
         WITH RECURSIVE names AS (
             SELECT min(reviewer) AS name FROM reviews
@@ -358,14 +364,17 @@ async def summary_counts(
              FROM (SELECT reviews, count(*) AS n FROM items GROUP BY 1) p) AS panels,
             (SELECT coalesce(jsonb_agg(jsonb_build_array(label, reviews, present, n)), '[]')
              FROM (SELECT l.label, i.reviews, l.reviews AS present, count(*) AS n
-                   FROM items i JOIN review_label_counts l USING (conversation_id)
+                   FROM {judged} i JOIN review_label_counts l USING (conversation_id)
                    GROUP BY 1, 2, 3) x) AS labels,
-            (SELECT coalesce(array_agg(name ORDER BY name), '{{}}') FROM names
-             WHERE name IS NOT NULL AND EXISTS (
+            -- LATERAL ... LIMIT 1: one probe per name, stopping at its first such
+            -- review (an EXISTS would be planned as a join of every review).
+            (SELECT coalesce(array_agg(name ORDER BY name), '{{}}')
+             FROM names, LATERAL (
                 SELECT 1 FROM reviews r JOIN review_summaries s USING (conversation_id)
-                {probe_join}
-                WHERE r.reviewer = names.name AND s.reviews >= 2 AND {condition})
-            ) AS reviewers,
+                {join}
+                WHERE r.reviewer = names.name AND s.reviews >= 2 AND {condition}
+                LIMIT 1) judged
+             WHERE name IS NOT NULL) AS reviewers,
             (SELECT count(*) FROM items WHERE greatest(good, bad, unsure) < reviews)
                 AS disagreements,
             (SELECT coalesce(array_agg(conversation_id), '{{}}')
@@ -373,7 +382,7 @@ async def summary_counts(
                    WHERE greatest(good, bad, unsure) < reviews
                    ORDER BY conversation_created_at DESC, conversation_id DESC
                    LIMIT %(max_ids)s) d) AS ids
-    """).format(join=join, condition=condition, probe_join=probe_join)
+    """).format(join=join, condition=condition, judged=judged)
     async with query_pool.connection() as conn:
         cursor = conn.cursor(row_factory=class_row(SummaryCounts))
         await cursor.execute(statement, {**slice_.params, "max_ids": max_ids})
