@@ -6,3 +6,4 @@ DROP FUNCTION summarise_changed_reviews();
 DROP FUNCTION summarise_deleted_reviews();
 DROP TABLE review_label_counts;
 DROP TABLE review_summaries;
+DROP INDEX reviews_review_sample_idx;

@@ -100,7 +100,7 @@ async def review_page(request: Request) -> Response:
     queue = Queue.from_params(request.query_params)
     reviewer = current_reviewer(request)
     context: dict[str, Any] = {"active": "review", "queue": queue, "reviewer": reviewer}
-    context.update(conversation=None, others=[], judged=None, judged_reviews=[])
+    context.update(conversation=None, others=[], judged=None, judged_reviews=[], walked_on=None)
     context["max_note_chars"] = MAX_NOTE_CHARS
     if reviewer is None:
         return render(request, "review.html", context)
@@ -124,7 +124,11 @@ async def review_page(request: Request) -> Response:
         order=queue.order,
         after=queue.after,
     )
-    if conversation_id is not None:
+    if isinstance(conversation_id, review_queries.WalkedOn):
+        # Nothing in this stretch of the slice: the page links on, past it.
+        context["walked_on"] = queue.query_string(after=conversation_id.after)
+        context["walk_limit"] = review_queries.WALK_LIMIT
+    elif conversation_id is not None:
         context["conversation"] = await review_queries.get_conversation(
             service.pool, conversation_id
         )

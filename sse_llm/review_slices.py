@@ -13,7 +13,12 @@ from dataclasses import replace
 from psycopg import sql
 from starlette.datastructures import QueryParams
 
-from sse_llm.history_filters import HistoryFilter, condition, parse_filter
+from sse_llm.history_filters import (
+    HistoryFilter,
+    condition,
+    conversation_conditions,
+    parse_filter,
+)
 from sse_llm.review_queries import Slice
 
 
@@ -30,7 +35,30 @@ def slice_sql(history_filter: HistoryFilter) -> Slice:
         params,
         filtered=bool(history_filter.pairs()),
         on_summaries=_on_summaries(history_filter),
+        on_conversations=_joined(conversation_conditions(history_filter)[0]),
+        review_key=_review_key(history_filter),
     )
+
+
+def _joined(parts: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("TRUE")
+
+
+def _review_key(history_filter: HistoryFilter) -> sql.Composable | None:
+    """A condition on reviews `r` every conversation of the slice has a review meeting,
+    by the most selective index there is (history_filters.review_conditions' meaning)."""
+    f = history_filter
+    if f.reviewer is not None and f.reviewed is not False:
+        return sql.SQL("r.reviewer = %(filter_reviewer)s")  # reviews_reviewer_idx
+    if f.verdict is not None:
+        return sql.SQL("r.verdict = %(filter_verdict)s")  # reviews_verdict_idx
+    if f.consensus is not None:
+        return sql.SQL("r.verdict = %(filter_consensus)s")
+    if f.labels:
+        return sql.SQL("r.labels @> %(filter_labels)s::text[]")
+    if f.reviewed is True:
+        return sql.SQL("TRUE")
+    return None
 
 
 def _on_summaries(history_filter: HistoryFilter) -> sql.Composable | None:
