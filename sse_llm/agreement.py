@@ -18,6 +18,8 @@ Pure functions; the routes are in agreement_pages.py, the counting in review_que
 
 Items come weighted: (ratings, how many conversations were rated exactly so), since the
 database counts identical profiles (a team has a few hundred, whatever the history).
+With everyone's reviews counted and not exactly two reviewers, Fleiss needs no names:
+the profiles are counts per category from review_summaries (`summary_report`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sse_llm.review_queries import RATING_SEPARATOR, AgreementCounts
+from sse_llm.review_queries import RATING_SEPARATOR, AgreementCounts, SummaryCounts
 
 # Past this close to 1, chance agreement counts as 1 (floating sums of shares).
 _EPSILON = 1e-12
@@ -160,3 +162,49 @@ def agreement_report(counts: AgreementCounts) -> dict[str, Any]:
             "ids": [str(conversation_id) for conversation_id in counts.ids],
         },
     }
+
+
+def _fleiss_figure(items: Sequence[tuple[Sequence[str], int]]) -> dict[str, Any]:
+    agreement, kappa = fleiss_weighted(items)
+    return Figure(agreement, kappa, "fleiss").as_json()
+
+
+def summary_report(counts: SummaryCounts) -> dict[str, Any]:
+    """`agreement_report` by Fleiss from per-conversation counts (not exactly two reviewers).
+
+    A label's absent ratings on a conversation are its reviews less those giving it; the
+    conversations where nobody gave it are all absent."""
+    verdicts = [
+        (["good"] * good + ["bad"] * bad + ["unsure"] * unsure, n)
+        for _, good, bad, unsure, n in counts.verdicts
+    ]
+    panels = dict(counts.panels)
+    labels: dict[str, Any] = {}
+    for label in sorted({label for label, *_ in counts.labels}):
+        items: list[tuple[Sequence[str], int]] = []
+        with_label: Counter[int] = Counter()
+        for name, reviews, present, n in counts.labels:
+            if name == label:
+                items.append((["present"] * present + ["absent"] * (reviews - present), n))
+                with_label[reviews] += n
+        for reviews, n in panels.items():
+            if n - with_label[reviews]:
+                items.append((["absent"] * reviews, n - with_label[reviews]))
+        labels[label] = _fleiss_figure(items)
+    return {
+        "conversations": sum(panels.values()),
+        "reviewers": counts.reviewers,
+        "verdict": _fleiss_figure(verdicts),
+        "labels": labels,
+        "disagreements": {
+            "count": counts.disagreements,
+            "ids": [str(conversation_id) for conversation_id in counts.ids],
+        },
+    }
+
+
+def report_of(counts: AgreementCounts | SummaryCounts) -> dict[str, Any]:
+    """SPEC 9's agreement body from either kind of counts."""
+    if isinstance(counts, SummaryCounts):
+        return summary_report(counts)
+    return agreement_report(counts)

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sse_llm import review_queries
-from sse_llm.agreement import MAX_DISAGREEMENT_IDS, agreement_report
+from sse_llm.agreement import MAX_DISAGREEMENT_IDS, report_of
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import html_errors, render
 from sse_llm.review_slices import parse_slice, slice_sql
@@ -40,10 +40,10 @@ async def agreement_json(request: Request) -> Response:
     except ValueError as exc:
         body = {"error": {"code": ErrorCode.VALIDATION_ERROR, "message": str(exc)}}
         return JSONResponse(body, status_code=422)
-    counts = await review_queries.agreement_counts(
+    counts = await review_queries.agreement_input(
         service_of(request).query_pool, slice_sql(slice_), counted, max_ids=MAX_DISAGREEMENT_IDS
     )
-    return JSONResponse(agreement_report(counts))
+    return JSONResponse(report_of(counts))
 
 
 async def agreement_page(request: Request) -> Response:
@@ -56,10 +56,10 @@ async def agreement_page(request: Request) -> Response:
     except ValueError as exc:
         counted, error = None, str(exc)
     service = service_of(request)
-    counts = await review_queries.agreement_counts(
+    counts = await review_queries.agreement_input(
         service.query_pool, slice_sql(slice_), counted, max_ids=MAX_DISAGREEMENT_IDS
     )
-    report = agreement_report(counts)
+    report = report_of(counts)
     disagreements = await review_queries.disagreements(service.pool, counts.ids, counted)
     context = {
         "active": "agreement",

@@ -83,12 +83,24 @@ def _uuid(raw: str | None) -> UUID | None:
         return None
 
 
+def contradictory(queue: Queue, reviewer: str) -> bool:
+    """Whether the slice can hold nothing the mode serves, whatever the history: a filter
+    that needs a review (a verdict, a label, a consensus, reviewed, a reviewer's own
+    review) with `nobody`, or my own reviews with `mine`. Answered without a query (a
+    walk would read the whole history to find nothing)."""
+    f = queue.slice
+    by_reviewer = f.reviewer is not None and f.reviewed is not False
+    if queue.mode is QueueMode.NOBODY:
+        return bool(f.verdict or f.consensus or f.labels or f.reviewed is True or by_reviewer)
+    return by_reviewer and f.reviewer == reviewer
+
+
 async def review_page(request: Request) -> Response:
     """GET /review: the next conversation of the slice to judge, claimed for me."""
     queue = Queue.from_params(request.query_params)
     reviewer = current_reviewer(request)
     context: dict[str, Any] = {"active": "review", "queue": queue, "reviewer": reviewer}
-    context.update(conversation=None, others=[], judged=None, judged_reviews=[])
+    context.update(conversation=None, others=[], judged=None, judged_reviews=[], walked_on=None)
     context["max_note_chars"] = MAX_NOTE_CHARS
     if reviewer is None:
         return render(request, "review.html", context)
@@ -101,6 +113,8 @@ async def review_page(request: Request) -> Response:
         if any(review.reviewer == reviewer for review in judged_reviews):
             context["judged"] = await review_queries.get_conversation(service.pool, judged_id)
             context["judged_reviews"] = judged_reviews
+    if contradictory(queue, reviewer):
+        return render(request, "review.html", context)  # nothing to review, at once
     conversation_id = await review_queries.next_to_review(
         service.pool,
         service.query_pool,
@@ -110,7 +124,11 @@ async def review_page(request: Request) -> Response:
         order=queue.order,
         after=queue.after,
     )
-    if conversation_id is not None:
+    if isinstance(conversation_id, review_queries.WalkedOn):
+        # Nothing in this stretch of the slice: the page links on, past it.
+        context["walked_on"] = queue.query_string(after=conversation_id.after)
+        context["walk_limit"] = review_queries.WALK_LIMIT
+    elif conversation_id is not None:
         context["conversation"] = await review_queries.get_conversation(
             service.pool, conversation_id
         )

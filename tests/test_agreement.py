@@ -3,6 +3,8 @@ Fleiss' kappa, the nulls, and GET /agreement's shape over a slice and a set of r
 
 from __future__ import annotations
 
+import random
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -223,3 +225,142 @@ def test_agreement_page_names_the_method_and_links_the_disagreements(
     three = httpx.get(f"{demo_server.url}/reviews/agreement", params={"q": tag})
     assert "Fleiss' kappa, generalised" in three.text
     assert "-0.149" in three.text  # -13/87
+
+
+def summaries(db: psycopg.Connection, ids: list[UUID]) -> tuple[list[Any], list[Any]]:
+    """review_summaries' and review_label_counts' rows of some conversations (migration 0011)."""
+    kept = db.execute(
+        "SELECT conversation_id, conversation_created_at, reviews, good, bad, unsure"
+        " FROM review_summaries WHERE conversation_id = ANY(%s) ORDER BY 1",
+        (ids,),
+    ).fetchall()
+    labels = db.execute(
+        "SELECT conversation_id, label, reviews FROM review_label_counts"
+        " WHERE conversation_id = ANY(%s) ORDER BY 1, 2",
+        (ids,),
+    ).fetchall()
+    return kept, labels
+
+
+def recount(db: psycopg.Connection, ids: list[UUID]) -> tuple[list[Any], list[Any]]:
+    """The same, counted from reviews itself."""
+    kept = db.execute(
+        """
+        SELECT conversation_id, max(conversation_created_at), count(*)::int,
+               (count(*) FILTER (WHERE verdict = 'good'))::int,
+               (count(*) FILTER (WHERE verdict = 'bad'))::int,
+               (count(*) FILTER (WHERE verdict = 'unsure'))::int
+        FROM reviews WHERE conversation_id = ANY(%s) GROUP BY 1 ORDER BY 1
+        """,
+        (ids,),
+    ).fetchall()
+    labels = db.execute(
+        "SELECT conversation_id, label, count(*)::int FROM reviews, unnest(labels) AS label"
+        " WHERE conversation_id = ANY(%s) GROUP BY 1, 2 ORDER BY 1, 2",
+        (ids,),
+    ).fetchall()
+    return kept, labels
+
+
+def test_review_summaries_equal_a_recount_after_every_kind_of_write(
+    db: psycopg.Connection,
+) -> None:
+    tag = word()
+    ids = [insert(db, f"{tag} {n}", age_seconds=n) for n in range(4)]
+    a, b, c, d = ids
+
+    def check() -> None:
+        assert summaries(db, ids) == recount(db, ids)
+
+    # One statement, several conversations and reviewers.
+    db.execute(
+        """
+        INSERT INTO reviews (conversation_id, reviewer, verdict, labels, conversation_created_at)
+        SELECT c.id, v.reviewer, v.verdict, v.labels, c.created_at
+        FROM (VALUES (%s::uuid, 'r1', 'good', '{tone,long}'::text[]),
+                     (%s::uuid, 'r2', 'bad', '{tone}'::text[]),
+                     (%s::uuid, 'r1', 'unsure', '{}'::text[]),
+                     (%s::uuid, 'r2', 'good', '{long}'::text[]),
+                     (%s::uuid, 'r1', 'bad', '{}'::text[])) AS v(id, reviewer, verdict, labels)
+        JOIN conversations c ON c.id = v.id
+        """,
+        (a, a, b, b, c),
+    )
+    check()
+    assert summaries(db, [a])[0][0][2:] == (2, 1, 1, 0)
+    # A replace as PUT does it (INSERT ... ON CONFLICT DO UPDATE): verdict and labels change.
+    db.execute(
+        """
+        INSERT INTO reviews (conversation_id, reviewer, verdict, labels, conversation_created_at)
+        SELECT id, 'r2', 'good', '{long,rude}', created_at FROM conversations WHERE id = %s
+        ON CONFLICT (conversation_id, reviewer) DO UPDATE
+            SET verdict = excluded.verdict, labels = excluded.labels
+        """,
+        (a,),
+    )
+    check()
+    # Updates of many rows at once; one that changes only the note.
+    db.execute("UPDATE reviews SET verdict = 'bad' WHERE conversation_id = ANY(%s)", (ids,))
+    check()
+    db.execute("UPDATE reviews SET labels = '{}' WHERE conversation_id = %s", (b,))
+    check()
+    db.execute("UPDATE reviews SET note = 'why' WHERE conversation_id = ANY(%s)", (ids,))
+    check()
+    add_review(db, d, "r3", "good", ["tone", "tone2"])
+    check()
+    # Deletes: one review, then a conversation whose reviews go by cascade.
+    db.execute("DELETE FROM reviews WHERE conversation_id = %s AND reviewer = 'r1'", (a,))
+    check()
+    db.execute("DELETE FROM conversations WHERE id = ANY(%s)", ([c, d],))
+    check()
+    db.execute("DELETE FROM reviews WHERE conversation_id = ANY(%s)", (ids,))
+    check()
+    assert summaries(db, ids) == ([], [])  # no row of zeros is left behind
+    # Leave the shared test database's history as it was (other modules count it).
+    db.execute("DELETE FROM conversations WHERE id = ANY(%s)", (ids,))
+
+
+def test_agreement_from_summaries_equals_agreement_from_every_review(
+    demo_server: RunningServer, db: psycopg.Connection
+) -> None:
+    # Everyone's reviews (the summaries) and the same reviewers named (every review read)
+    # must give the same figures, over a slice by conversations and one by time alone.
+    rng = random.Random(14)
+    tag = word()
+    names = [f"{n}-{word()}" for n in ("p", "q", "r", "s")]
+    ids = [insert(db, f"{tag} {n}", age_seconds=n) for n in range(40)]
+    for conversation_id in ids:
+        for name in rng.sample(names, rng.randint(1, 4)):
+            labels = [label for label in ("tone", "long", "rude") if rng.random() < 0.3]
+            add_review(db, conversation_id, name, rng.choice(["good", "bad", "unsure"]), labels)
+    try:
+        same_figures(demo_server, {"q": tag}, names)
+        same_figures(demo_server, {"from": "2000-01-01", "q": tag}, names)
+    finally:
+        # Leave the shared test database's history as it was (other modules count it).
+        db.execute("DELETE FROM conversations WHERE id = ANY(%s)", (ids,))
+
+
+def same_figures(server: RunningServer, params: dict[str, str], names: list[str]) -> None:
+    """Agreement over `params` from the summaries equals agreement from every review."""
+    everyone = httpx.get(f"{server.url}/agreement", params=params).json()
+    named = httpx.get(
+        f"{server.url}/agreement", params={**params, "reviewers": ",".join(names)}
+    ).json()
+    assert everyone["verdict"]["method"] == "fleiss"
+    assert everyone["conversations"] > 10
+    assert everyone == named | {
+        "verdict": {
+            **named["verdict"],
+            "agreement": pytest.approx(named["verdict"]["agreement"]),
+            "kappa": pytest.approx(named["verdict"]["kappa"]),
+        },
+        "labels": {
+            label: {
+                **figure,
+                "agreement": pytest.approx(figure["agreement"]),
+                "kappa": pytest.approx(figure["kappa"]),
+            }
+            for label, figure in named["labels"].items()
+        },
+    }

@@ -369,3 +369,99 @@ def test_done_reveals_only_a_conversation_i_judged(
     review(db, other, reviewer_client.cookies["sse_llm_reviewer"], "good")
     page = reviewer_client.get(f"/review?q={word()}&blind=1&done={other}")
     assert model in page.text
+
+
+def test_a_slice_that_needs_a_review_serves_nothing_with_nobody_at_once(
+    demo_server: RunningServer, db: psycopg.Connection
+) -> None:
+    me = word()
+    model = f"contradiction-{word()}"
+    conversation_id = insert(db, "judged", model=model)
+    review(db, conversation_id, "colleague", "bad")
+    with as_reviewer(demo_server, me) as client:
+        assert served(client, mode="nobody", model=model) is None
+        for needs_a_review in ({"verdict": "bad"}, {"label": "tone"}, {"reviewed": "true"},
+                               {"consensus": "bad"}, {"reviewer": "colleague"}):  # fmt: skip
+            page = client.get(f"/review?{urlencode({'mode': 'nobody', **needs_a_review})}")
+            assert "Nothing left to review" in page.text
+        # Mine, yet reviewed by me: nothing either; by a colleague: their bad one.
+        assert served(client, mode="mine", reviewer=me) is None
+        assert served(client, mode="mine", reviewer="colleague", model=model) == conversation_id
+
+
+def test_contradictory_slices_are_known_without_a_query() -> None:
+    from sse_llm.history_filters import HistoryFilter
+    from sse_llm.review_queries import QueueMode
+    from sse_llm.review_queue import Queue, contradictory
+
+    nobody = QueueMode.NOBODY
+    assert contradictory(Queue(HistoryFilter(labels=("tone",)), mode=nobody), "me")
+    assert contradictory(Queue(HistoryFilter(reviewer="x"), mode=nobody), "me")
+    assert not contradictory(Queue(HistoryFilter(reviewer="x", reviewed=False), mode=nobody), "me")
+    assert not contradictory(Queue(HistoryFilter(model="m"), mode=nobody), "me")
+    assert contradictory(Queue(HistoryFilter(reviewer="me")), "me")
+    assert not contradictory(Queue(HistoryFilter(reviewer="me", reviewed=False)), "me")
+    assert not contradictory(Queue(HistoryFilter(verdict="bad")), "me")
+
+
+WALK_ON = re.compile(r'href="/review\?([^"]*)" id="walk-on"')
+
+
+def many(db: psycopg.Connection, model: str, count: int) -> list[UUID]:
+    """`count` ended conversations of `model`, newest first, one second apart."""
+    rows = db.execute(
+        """
+        INSERT INTO conversations (id, prompt, response, status, created_at, completed_at,
+                                   model, provider)
+        SELECT gen_random_uuid(), 'many', 'an answer', 'completed',
+               now() - make_interval(secs => n), now(), %s, 'demo'
+        FROM generate_series(1, %s) AS n
+        RETURNING id, created_at
+        """,
+        (model, count),
+    ).fetchall()
+    return [row[0] for row in sorted(rows, key=lambda row: row[1], reverse=True)]
+
+
+def review_all(db: psycopg.Connection, ids: list[UUID], reviewer: str, verdict: str) -> None:
+    db.execute(
+        """
+        INSERT INTO reviews (conversation_id, reviewer, verdict, conversation_created_at)
+        SELECT id, %s, %s, created_at FROM conversations WHERE id = ANY(%s)
+        """,
+        (reviewer, verdict, ids),
+    )
+
+
+def walk_on(client: httpx.Client, **params: str) -> str:
+    """The query of the page's "look further" link (the walk found nothing in its stretch)."""
+    page = client.get(f"/review?{urlencode(params)}")
+    found = WALK_ON.search(page.text)
+    assert found, "the walk was expected to stop and link on"
+    return found.group(1).replace("&amp;", "&")
+
+
+@pytest.mark.parametrize("side", ["conversations", "reviews"])
+def test_one_request_walks_at_most_walk_limit_then_links_on(
+    demo_server: RunningServer, db: psycopg.Connection, side: str
+) -> None:
+    from sse_llm.review_queries import WALK_LIMIT
+
+    me = word()
+    model = f"walk-{word()}"
+    ids = many(db, model, WALK_LIMIT + 3)
+    review_all(db, ids[: WALK_LIMIT + 1], me, "good")  # the newest, judged already
+    # By conversations (a model), or by reviews (bad according to someone, not yet me).
+    slice_ = {"model": model}
+    if side == "reviews":
+        review_all(db, ids, "colleague", "bad")
+        slice_ |= {"verdict": "bad", "reviewer": me, "reviewed": "false"}
+    try:
+        with as_reviewer(demo_server, me) as client:
+            further = walk_on(client, mode="mine", **slice_)
+            page = client.get(f"/review?{further}")
+            found = SERVED.search(page.text)
+            assert found and UUID(found.group(1)) == ids[WALK_LIMIT + 1]
+    finally:
+        # Leave the shared test database's history as it was (other modules count it).
+        db.execute("DELETE FROM conversations WHERE model = %s", (model,))
