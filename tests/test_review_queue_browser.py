@@ -3,11 +3,13 @@ g/b/u/s/a, inactive in a field and switchable off; two colleagues on one slice; 
 mode over every response the page loads; the agreement page with two and three reviewers.
 
 Every test fails on a console error, an uncaught exception or a CSP violation (the `tab`
-fixture of test_dashboard_browser). They save the README's screenshots of both pages.
+fixture in conftest). With SSE_LLM_SCREENSHOTS=1 they retake the README's screenshots
+of both pages.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Response, expect
+from playwright.sync_api import Browser, Page, Response, expect
 
 from tests.browser import RECORD_CSP_VIOLATIONS, BrowserPage
 from tests.conftest import RunningServer, word
@@ -25,6 +27,13 @@ from tests.test_review_queue import insert, review
 pytestmark = pytest.mark.browser
 
 SHOTS = Path(__file__).resolve().parent / "screenshots"
+
+
+def shoot(page: Page, name: str, *, full_page: bool = False) -> None:
+    """Retake a README screenshot, with SSE_LLM_SCREENSHOTS=1 only: a plain run of the
+    suite leaves the working tree as it found it."""
+    if os.environ.get("SSE_LLM_SCREENSHOTS"):
+        page.screenshot(path=SHOTS / name, full_page=full_page)
 
 
 def name_tab(tab: BrowserPage, server: RunningServer, name: str) -> None:
@@ -50,7 +59,7 @@ def test_keys_judge_skip_and_annotate(
     page = tab.page
     page.goto(f"{demo_server.url}/review?q={tag}")
     expect(page.locator(".queue-keys")).to_be_visible()  # the switch shows with the script
-    page.screenshot(path=SHOTS / "review-1280-light.png", full_page=True)
+    shoot(page, "review-1280-light.png", full_page=True)
 
     for key, verdict in (("g", "good"), ("b", "bad"), ("u", "unsure")):
         current = served_id(tab)
@@ -211,7 +220,7 @@ def test_blind_mode_in_the_browser_loads_no_model_or_colleague(
     page.on("response", record)
     page.goto(f"{demo_server.url}/review?q={tag}&blind=1")
     page.wait_for_load_state("networkidle")
-    page.screenshot(path=SHOTS / "review-blind-1280-light.png")
+    shoot(page, "review-blind-1280-light.png")
     assert {urlsplit(url).path for url, _ in bodies} >= {"/review", "/static/review.js"}
     for url, body in bodies:
         for secret in (model, provider, colleague, note):
@@ -234,7 +243,7 @@ def test_review_page_at_phone_width(
     page = context.new_page()
     page.goto(f"{demo_server.url}/review?q={tag}")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
-    page.screenshot(path=SHOTS / f"review-375-{scheme}.png", full_page=True)
+    shoot(page, f"review-375-{scheme}.png", full_page=True)
     context.close()
 
 
@@ -247,7 +256,7 @@ def test_agreement_page_with_two_and_three_reviewers(
     expect(page.locator("#agreement-method")).to_contain_text("Fleiss")
     expect(page.locator("#agreement-summary")).to_contain_text(r3)
     expect(page.locator("#disagreements li")).to_have_count(3)
-    page.screenshot(path=SHOTS / "agreement-1280-light.png", full_page=True)
+    shoot(page, "agreement-1280-light.png", full_page=True)
 
     page.get_by_label(re.compile("Reviewers")).fill(f"{r1}, {r2}")
     page.get_by_role("button", name="Show").click()
