@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import psycopg
 
+from sse_llm import store
 from sse_llm.database import EmbeddedPostgres
 from sse_llm.errors import StorageUnavailable
 from sse_llm.metrics import Metrics
@@ -150,12 +151,22 @@ def test_a_batch_cut_off_by_an_outage_is_retried_and_nothing_is_lost_or_duplicat
     assert recorded == ("completed", "before during2 during3 ")
 
 
-async def lose_a_commit_reply(proxy: TcpProxy) -> tuple[list[Conversation], Owner, bool, object]:
+async def lose_a_commit_reply(
+    proxy: TcpProxy, database_url: str
+) -> tuple[list[Conversation], Owner, bool, object]:
     """Write a chunk of one stream and the end of another in one batch whose COMMIT reaches
     PostgreSQL and whose reply is lost; return the rows, the owner, the chunk's result and
     what the end's caller was told."""
     writer = Writer(proxy.url, storage_timeout=5, metrics=Metrics())
     owner_id = uuid4()
+    # Held as a live process's lease holds it: while the writer reconnects (its fence
+    # lock went with the cut connection), the session servers' recovery sweeps, which
+    # share this database, must not take the owner for dead and settle its rows.
+    lease = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    await lease.execute(
+        "SELECT pg_advisory_lock(%s, hashtext(%s::text))",
+        (store.INSTANCE_LOCK_NAMESPACE, str(owner_id)),
+    )
     writer.start(owner_id)
     try:
         rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
@@ -168,6 +179,7 @@ async def lose_a_commit_reply(proxy: TcpProxy) -> tuple[list[Conversation], Owne
         return rows, owner, await done, await ended
     finally:
         await writer.close()
+        await lease.close()
 
 
 def test_a_batch_retried_after_its_commit_reply_was_lost_stores_each_chunk_once(
@@ -176,7 +188,7 @@ def test_a_batch_retried_after_its_commit_reply_was_lost_stores_each_chunk_once(
     # The writer cannot know the batch committed, so writes it again: each chunk must
     # still be there once, and published once.
     with TcpProxy(database_url) as proxy:
-        rows, owner, stored, _ = run(lose_a_commit_reply(proxy))
+        rows, owner, stored, _ = run(lose_a_commit_reply(proxy, database_url))
         assert proxy.dropped.is_set(), "the proxy never saw the COMMIT"
     assert stored and not owner.storage_failed
     assert [(c.seq, c.text) for c in owner.published] == [(1, "one "), (2, "two")]
@@ -189,7 +201,7 @@ def test_an_end_retried_after_its_commit_reply_was_lost_is_told_as_recorded(
     database_url: str,
 ) -> None:
     with TcpProxy(database_url) as proxy:
-        rows, _, _, told = run(lose_a_commit_reply(proxy))
+        rows, _, _, told = run(lose_a_commit_reply(proxy, database_url))
         assert proxy.dropped.is_set(), "the proxy never saw the COMMIT"
     assert told == Ending(rows[1].id, "completed")
 
