@@ -47,10 +47,20 @@ def new(model: str, owner_id: UUID) -> NewConversation:
     return NewConversation(uuid4(), "a prompt", model, "demo", owner_id)
 
 
+def hold_instance_lock(db: psycopg.Connection, owner_id: UUID) -> None:
+    """Hold `owner_id`'s instance lock on `db`, as a live process's lease does: the
+    recovery sweeps of the session's servers (same database) then leave its rows alone."""
+    db.execute(
+        "SELECT pg_advisory_lock(%s, hashtext(%s::text))",
+        (store.INSTANCE_LOCK_NAMESPACE, str(owner_id)),
+    )
+
+
 async def test_every_store_path_keeps_the_counts_equal_to_the_table(
     database_url: str, db: psycopg.Connection
 ) -> None:
     model, owner = f"counts-{word()}", uuid4()
+    hold_instance_lock(db, owner)
     conversations = [new(model, owner) for _ in range(5)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await store.insert_conversations(conn, conversations)
@@ -116,6 +126,8 @@ async def test_folding_past_hours_keeps_every_sum_and_merges_the_writers_rows(
 ) -> None:
     model = f"counts-{word()}"
     owners = [uuid4(), uuid4()]
+    for owner in owners:
+        hold_instance_lock(db, owner)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for owner in owners:
             conversations = [new(model, owner) for _ in range(2)]
