@@ -77,6 +77,25 @@ class Verdict(StrEnum):
     UNSURE = "unsure"
 
 
+class DeliveryVia(StrEnum):
+    """How a client connection reached a conversation (SPEC 10, deliveries)."""
+
+    STREAM = "stream"  # the POST /stream that started it
+    ATTACH = "attach"  # GET /conversations/{id}/stream, with or without Last-Event-ID
+    V1 = "v1"  # POST /v1/chat/completions
+    DASHBOARD = "dashboard"  # the detail page's live view
+
+
+class DeliveryEnd(StrEnum):
+    """How a client connection ended (SPEC 10); NULL in the row while it is open."""
+
+    DONE = "done"  # it sent the `done` event
+    ERROR = "error"  # it sent the `error` event (the stream's end)
+    CLIENT_LEFT = "client_left"  # the client disconnected
+    DROPPED = "dropped"  # the client stopped reading (its queue overflowed)
+    LOST = "lost"  # its process died with it open (marked by recovery)
+
+
 # The end of a stream whose process stopped: said by the process itself or its settler.
 INTERRUPTED_MESSAGE = "The service stopped while this answer was streaming."
 
