@@ -278,7 +278,7 @@ $$;
 -- when the conversation is gone (a pruned conversation's reviews go by cascade).
 -- reviewed = conversations with a review; good/bad/unsure = reviews with that verdict.
 -- `writer` is the backend (pg_backend_pid()): two replicas' reviewers never wait on one
--- row; 0 is the folded rows.
+-- row; 0 is the folded rows, which review_counts_daily holds by day.
 ALTER TABLE review_summaries
     ADD COLUMN model text, ADD COLUMN provider text, ADD COLUMN status text;
 
@@ -290,6 +290,16 @@ CREATE TABLE review_counts (
     unsure bigint NOT NULL,
     PRIMARY KEY (bucket, model, provider, status, writer)
 );
+
+-- What the fold merged, by UTC day, as for conversation_stats_daily.
+CREATE TABLE review_counts_daily (
+    bucket timestamptz NOT NULL,
+    model text NOT NULL, provider text NOT NULL, status text NOT NULL,
+    reviewed bigint NOT NULL, good bigint NOT NULL, bad bigint NOT NULL,
+    unsure bigint NOT NULL,
+    PRIMARY KEY (bucket, model, provider, status)
+);
+CREATE INDEX review_counts_unfolded_idx ON review_counts (bucket) WHERE writer <> 0;
 
 CREATE FUNCTION review_summary_of_conversation() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -362,18 +372,28 @@ CREATE TRIGGER review_summaries_counted_on_delete AFTER DELETE ON review_summari
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION count_deleted_review_summaries();
 
--- Merges the review counts' per-backend rows into writer 0; returns the rows merged.
+-- Merges the review counts' per-backend rows into writer 0 and into the daily table;
+-- returns the rows merged.
 CREATE FUNCTION fold_review_counts() RETURNS bigint LANGUAGE sql AS $$
     WITH moved AS (
         DELETE FROM review_counts WHERE writer <> 0
         RETURNING bucket, model, provider, status, reviewed, good, bad, unsure
-    ), merged AS (
+    ), hourly AS (
         INSERT INTO review_counts AS r
             (bucket, model, provider, status, writer, reviewed, good, bad, unsure)
         SELECT bucket, model, provider, status, 0, sum(reviewed), sum(good), sum(bad),
                sum(unsure)
         FROM moved GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (bucket, model, provider, status, writer) DO UPDATE SET
+            reviewed = r.reviewed + excluded.reviewed, good = r.good + excluded.good,
+            bad = r.bad + excluded.bad, unsure = r.unsure + excluded.unsure
+    ), daily AS (
+        INSERT INTO review_counts_daily AS r
+            (bucket, model, provider, status, reviewed, good, bad, unsure)
+        SELECT date_trunc('day', bucket, 'UTC'), model, provider, status, sum(reviewed),
+               sum(good), sum(bad), sum(unsure)
+        FROM moved GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (bucket, model, provider, status) DO UPDATE SET
             reviewed = r.reviewed + excluded.reviewed, good = r.good + excluded.good,
             bad = r.bad + excluded.bad, unsure = r.unsure + excluded.unsure
     )
@@ -393,6 +413,12 @@ BEGIN
            coalesce(provider, ''), coalesce(status, ''), 0,
            count(*) FILTER (WHERE reviews > 0), sum(good), sum(bad), sum(unsure)
     FROM review_summaries GROUP BY 1, 2, 3, 4;
+    TRUNCATE review_counts_daily;
+    INSERT INTO review_counts_daily
+        (bucket, model, provider, status, reviewed, good, bad, unsure)
+    SELECT date_trunc('day', bucket, 'UTC'), model, provider, status, sum(reviewed),
+           sum(good), sum(bad), sum(unsure)
+    FROM review_counts GROUP BY 1, 2, 3, 4;
 END
 $$;
 
