@@ -530,6 +530,8 @@ async def _settle(
         rows = [(row_id, owner) for row_id, owner in rows if owner in fenced]
         if not rows:
             return []
+    # The token counts stay NULL: the upstream's died with the owner, and an estimate
+    # here would be a second method to keep in step with the generation's.
     statement = sql.SQL("""
         UPDATE conversations AS c
         SET status = %(status)s,
