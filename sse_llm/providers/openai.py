@@ -235,6 +235,10 @@ def _pieces_of(event: dict[str, Any]) -> tuple[list[str], bool, Usage | None]:
             pieces.append(clean_text(content))
         if choice.get("finish_reason"):
             finished = True
+    if pieces and not finished:
+        # The counts come on an event of their own (no choices) or on the finishing one:
+        # an event of the answer is not searched for them.
+        return pieces, False, None
     usage = event.get("usage")
     return pieces, finished, _usage_of(usage) if usage else None
 
