@@ -246,6 +246,18 @@ def conversation_json(conversation: Conversation) -> dict[str, Any]:
         "provider": conversation.provider,
         "chunks": conversation.chunks,
         "error": error,
+        "usage": usage_json(conversation),
+    }
+
+
+def usage_json(conversation: Conversation) -> dict[str, Any] | None:
+    """Its token counts (the model's, or estimated), or None while streaming or if none."""
+    if conversation.prompt_tokens is None or conversation.completion_tokens is None:
+        return None
+    return {
+        "prompt_tokens": conversation.prompt_tokens,
+        "completion_tokens": conversation.completion_tokens,
+        "estimated": conversation.tokens_estimated,
     }
 
 

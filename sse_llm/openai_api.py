@@ -287,13 +287,15 @@ def finish_reason(call: Call, chunks: int) -> str:
     return "length" if max_tokens and chunks >= max_tokens else "stop"
 
 
-def usage(call: Call, chunks: int) -> dict[str, int]:
-    """Token counts, estimated: a chunk counts as a token, a prompt word as a token."""
-    prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in call.messages)
+def usage(outcome: Outcome) -> dict[str, int] | None:
+    """The token counts the generation's end recorded: the upstream's, or where it
+    reported none the stored estimate (characters / 4); None if nothing was counted."""
+    if outcome.prompt_tokens is None or outcome.completion_tokens is None:
+        return None
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": chunks,
-        "total_tokens": prompt_tokens + chunks,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
     }
 
 
@@ -319,7 +321,7 @@ def completion_response(
                 "finish_reason": finish_reason(call, outcome.chunks),
             }
         ],
-        "usage": usage(call, outcome.chunks),
+        "usage": usage(outcome),
     }
     return JSONResponse(body, headers=headers)
 
@@ -386,7 +388,7 @@ class CompletionStream:
         reason = finish_reason(self.call, outcome.chunks)
         data = self.event([{"index": 0, "delta": {}, "finish_reason": reason}])
         if self.call.include_usage:
-            data += self.event([], usage=usage(self.call, outcome.chunks))
+            data += self.event([], usage=usage(outcome))
         return data + b"data: [DONE]\n\n"
 
 

@@ -707,6 +707,24 @@ _SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "provider": {"type": "string"},
             "chunks": {"type": "integer", "minimum": 0},
+            "usage": {
+                "description": "Token counts, set with the end: the model's own, or "
+                "sse-llm's estimate (`estimated`: characters / 4) where it reported none. "
+                "null while streaming, or when none were counted.",
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["prompt_tokens", "completion_tokens", "estimated"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "prompt_tokens": {"type": "integer", "minimum": 0},
+                            "completion_tokens": {"type": "integer", "minimum": 0},
+                            "estimated": {"type": "boolean"},
+                        },
+                    },
+                ],
+            },
             "reviews": {
                 "description": "Its reviews (in GET /history's items), notes left out.",
                 "type": "array",

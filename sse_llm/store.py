@@ -66,6 +66,10 @@ class Conversation:
     # Through /v1/chat/completions: the whole chat and the parameters sent upstream.
     messages: list[dict[str, Any]] | None
     parameters: dict[str, Any] | None
+    # Set with the end: the model's counts, or an estimate (`tokens_estimated`).
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    tokens_estimated: bool
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))  # read as text
@@ -92,16 +96,25 @@ class Ending:
     status: Status
     error_code: str | None = None
     error_message: str | None = None
+    # The model's token counts, or the generation's estimate (`tokens_estimated`); None
+    # when nothing was counted (an end the writer records after a storage failure).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool = False
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """Where a generation stands or how it ended: status, persisted chunks, error."""
+    """Where a generation stands or how it ended: status, persisted chunks, error, and
+    the token counts its end recorded (None where not known)."""
 
     status: Status
     chunks: int
     error_code: str | None = None
     error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))  # read as text
@@ -135,7 +148,8 @@ CONVERSATION_COLUMNS = sql.SQL("""
     c.id, c.prompt, {response} AS response,
     c.status, c.created_at, c.first_chunk_at, c.completed_at, c.model, c.provider,
     {chunks} AS chunks,
-    c.error_code, c.error_message, c.messages, c.parameters
+    c.error_code, c.error_message, c.messages, c.parameters,
+    c.prompt_tokens, c.completion_tokens, c.tokens_estimated
 """).format(response=LIVE_RESPONSE, chunks=LIVE_CHUNK_COUNT)
 
 
@@ -187,6 +201,9 @@ def _new_row(new: NewConversation, created_at: datetime) -> Conversation:
         error_message=None,
         messages=new.messages,
         parameters=new.parameters,
+        prompt_tokens=None,
+        completion_tokens=None,
+        tokens_estimated=False,
     )
 
 
@@ -284,13 +301,19 @@ async def finish_conversations(
     statement = sql.SQL("""
         WITH e AS (
             SELECT * FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
-                                 %(messages)s::text[]) AS e(id, status, error_code, error_message)
+                                 %(messages)s::text[], %(prompt_tokens)s::int[],
+                                 %(completion_tokens)s::int[], %(estimated)s::bool[])
+                AS e(id, status, error_code, error_message, prompt_tokens, completion_tokens,
+                     tokens_estimated)
         ), ended AS (
             UPDATE conversations AS c
             SET status = e.status,
                 completed_at = now(),
                 error_code = e.error_code,
                 error_message = e.error_message,
+                prompt_tokens = e.prompt_tokens,
+                completion_tokens = e.completion_tokens,
+                tokens_estimated = e.tokens_estimated,
                 response = coalesce(k.response, ''),
                 chunk_count = k.count,
                 first_chunk_at = k.first_at,
@@ -317,6 +340,9 @@ async def finish_conversations(
             "statuses": [e.status for e in ends],
             "codes": [e.error_code for e in ends],
             "messages": [e.error_message for e in ends],
+            "prompt_tokens": [e.prompt_tokens for e in ends],
+            "completion_tokens": [e.completion_tokens for e in ends],
+            "estimated": [e.tokens_estimated for e in ends],
             "owner_id": owner_id,
         },
     )
@@ -504,6 +530,8 @@ async def _settle(
         rows = [(row_id, owner) for row_id, owner in rows if owner in fenced]
         if not rows:
             return []
+    # The token counts stay NULL: the upstream's died with the owner, and an estimate
+    # here would be a second method to keep in step with the generation's.
     statement = sql.SQL("""
         UPDATE conversations AS c
         SET status = %(status)s,
