@@ -150,6 +150,8 @@ class HistorySearch:
             )
         if chosen.to is not None:
             found.append((f"until {format_utc(chosen.to, True)}", self.link(offset=0, to=None)))
+        if chosen.delivered:
+            found.append(("no client was sent the end", self.link(offset=0, delivered=None)))
         return found
 
 
