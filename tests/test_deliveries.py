@@ -356,3 +356,20 @@ def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
     assert len(calls) <= 2 * streams
     assert all(in_transaction for _, in_transaction, _ in calls)  # inside a batch's transaction
     assert {name for _, _, name in calls} == {"sse-llm writer"}
+
+
+def test_openapi_describes_deliveries_and_the_delivered_filter(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    route = document["paths"]["/conversations/{conversation_id}/deliveries"]["get"]
+    assert set(route["responses"]) >= {"200", "404"}
+    schema = document["components"]["schemas"]["Delivery"]
+    assert set(schema["required"]) == {
+        "started_at",
+        "ended_at",
+        "via",
+        "from_seq",
+        "last_seq",
+        "ended",
+    }
+    history = document["paths"]["/history"]["get"]["parameters"]
+    assert "delivered" in {parameter["name"] for parameter in history}
