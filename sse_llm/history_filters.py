@@ -309,10 +309,14 @@ def conversation_conditions(
         # The flag finds the few candidates by a partial index (migration 0014) and says
         # 'streaming' literally, as that index's predicate does; the probe of the
         # conversation's deliveries corrects a flag a race between replicas left set.
+        # A scalar subquery, not NOT EXISTS: as an anti-join the planner takes almost
+        # every flagged row for one with an end sent (as almost all conversations are)
+        # and plans a parallel scan (25-45 ms at 1,000,000 under load, 0.3 ms this way).
         parts.append(
             sql.SQL(
-                "c.delivery_cut AND c.status <> 'streaming' AND NOT EXISTS (SELECT 1 FROM"
-                " deliveries d WHERE d.conversation_id = c.id AND d.ended IN ('done', 'error'))"
+                "c.delivery_cut AND c.status <> 'streaming' AND NOT coalesce((SELECT true"
+                " FROM deliveries d WHERE d.conversation_id = c.id"
+                " AND d.ended IN ('done', 'error') LIMIT 1), false)"
             )
         )
     return parts, params

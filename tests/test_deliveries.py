@@ -251,6 +251,7 @@ def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
     slow = {"DEMO_TOKENS": "400", "DEMO_TOKENS_PER_SECOND": "20", "SSE_LLM_LEASE_INTERVAL": "1"}
     doomed = spawn_server(database_url, **slow)
     survivor = spawn_server(database_url, **slow)
+    sweeper = spawn_server(database_url, **slow)  # a third replica: it sweeps both
     try:
         on_doomed = BackgroundStream(doomed.url, "killed mid stream")
         on_survivor = BackgroundStream(survivor.url, "still streaming")
@@ -258,7 +259,7 @@ def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
         on_survivor.wait_chunks(3)
         doomed.signal(signal.SIGKILL)
         doomed.wait(10)
-        with httpx.Client(base_url=survivor.url, timeout=30) as client:
+        with httpx.Client(base_url=sweeper.url, timeout=30) as client:
             lost = deliveries(client, on_doomed.conversation_id, 1)
             assert [(i["via"], i["ended"]) for i in lost] == [("stream", "lost")]
             # Several sweeps later, the live replica's open delivery is still open.
@@ -271,8 +272,8 @@ def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
             assert on_doomed.conversation_id in incomplete_ids(client)
             assert on_survivor.conversation_id not in incomplete_ids(client)
     finally:
-        doomed.stop()
-        survivor.stop()
+        for server in (doomed, survivor, sweeper):
+            server.stop()
 
 
 def test_a_clean_shutdown_ends_its_deliveries_with_the_end_it_sent(
@@ -297,7 +298,7 @@ def test_a_clean_shutdown_ends_its_deliveries_with_the_end_it_sent(
 
 
 def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
-    slow_client: httpx.Client, client: httpx.Client
+    slow_client: httpx.Client, db: psycopg.Connection
 ) -> None:
     with slow_client.stream("POST", "/stream", json={"prompt": "nobody sees the end"}) as r:
         conversation_id = r.headers["x-conversation-id"]
@@ -310,6 +311,7 @@ def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
     wait_until(ended, 20, message="the answer did not end")
     assert summary(deliveries(slow_client, conversation_id, 1))[0][3] == "client_left"
     assert conversation_id in incomplete_ids(slow_client)
+    assert cut_flag(db, conversation_id) is True
     assert "incomplete" in slow_client.get("/?delivered=incomplete").text
     # Strict in the API: an unknown value names the parameter.
     refused = slow_client.get("/history", params={"delivered": "maybe"})
@@ -319,6 +321,15 @@ def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
         assert list(iter_events(replay))[-1].event == "done"
     deliveries(slow_client, conversation_id, 2)
     assert conversation_id not in incomplete_ids(slow_client)
+    assert cut_flag(db, conversation_id) is False  # cleared by the end sent, not just masked
+
+
+def cut_flag(db: psycopg.Connection, conversation_id: str) -> bool:
+    row = db.execute(
+        "SELECT delivery_cut FROM conversations WHERE id = %s", (conversation_id,)
+    ).fetchone()
+    assert row is not None
+    return bool(row[0])
 
 
 def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
@@ -336,7 +347,8 @@ def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
         return await real(conn, rows)
 
     monkeypatch.setattr(store, "write_deliveries", counted)
-    server = start_server(base_settings.with_changes(demo_tokens=200, demo_tokens_per_second=2000))
+    # 100 chunks in half a second each: dozens of wake-ups and batches per stream.
+    server = start_server(base_settings.with_changes(demo_tokens=100, demo_tokens_per_second=200))
     streams = 5
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -351,8 +363,8 @@ def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
             wait_until(lambda: sum(rows for rows, _, _ in calls) >= 2 * streams or None, 10)
     finally:
         server.stop()
-    # 1,000 chunks; an open and an end per connection, at most: never a statement per chunk.
-    print(f"delivery statements for {streams} streams of 200 chunks: {len(calls)}")
+    # 500 chunks; an open and an end per connection, at most: never a statement per chunk.
+    print(f"delivery statements for {streams} streams of 100 chunks: {len(calls)}")
     assert len(calls) <= 2 * streams
     assert all(in_transaction for _, in_transaction, _ in calls)  # inside a batch's transaction
     assert {name for _, _, name in calls} == {"sse-llm writer"}
