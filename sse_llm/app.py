@@ -20,6 +20,7 @@ from sse_llm import (
     agreement_pages,
     api,
     dashboard,
+    deliveries,
     openai_api,
     review_pages,
     review_queue,
@@ -59,6 +60,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     app = Starlette(
         routes=[
             *api.routes,
+            *deliveries.routes,
             *dashboard.routes,
             *access.routes,
             *openai_api.routes,

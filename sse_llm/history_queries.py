@@ -270,11 +270,15 @@ async def _newest_window(
 ) -> _Ids:
     """The page among the newest `window` conversations that match the cheap conditions."""
     plain = HistoryFilter(
-        status=chosen.status, model=chosen.model, from_=chosen.from_, to=chosen.to
+        status=chosen.status,
+        model=chosen.model,
+        from_=chosen.from_,
+        to=chosen.to,
+        delivered=chosen.delivered,
     )
     inner, inner_params = history_filters.condition(plain)
     outer, outer_params = history_filters.condition(
-        replace(chosen, status=None, model=None, from_=None, to=None)
+        replace(chosen, status=None, model=None, from_=None, to=None, delivered=None)
     )
     statement = sql.SQL("""
         SELECT c.id, c.created_at FROM (

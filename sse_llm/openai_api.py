@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sse_llm.contract import MAX_MODEL_CHARS, ErrorCode, Status
+from sse_llm.contract import MAX_MODEL_CHARS, DeliveryEnd, DeliveryVia, ErrorCode, Status
+from sse_llm.deliveries import Delivery
 from sse_llm.errors import ApiError
 from sse_llm.events import line_safe, ping_comment
 from sse_llm.generation import Subscriber
@@ -117,16 +118,24 @@ async def chat_completions(request: Request) -> Response:
         parameters=call.parameters,
     )
     headers = {"X-Conversation-Id": str(conversation.id)}
+    delivery = Delivery.of(request, conversation.id, DeliveryVia.V1)
     if not call.stream:
+        delivery.open()
         try:
             text, outcome = await collect(subscriber)
+            # The answer goes out whole, or the error instead (with no text).
+            if outcome.status == Status.COMPLETED:
+                delivery.end_with(DeliveryEnd.DONE, outcome.chunks or None)
+            else:
+                delivery.end_with(DeliveryEnd.ERROR, None)
         finally:
             generation.unsubscribe(subscriber)
+            delivery.close()
         return completion_response(conversation, call, text, outcome, headers)
     completion = CompletionStream(conversation, call)
-    events = completion.events(subscriber.updates())
+    events = completion.events(delivery.watch(subscriber.updates()))
     return sse_response(
-        request, closing(events, lambda: generation.unsubscribe(subscriber)), headers
+        request, closing(events, lambda: generation.unsubscribe(subscriber), delivery), headers
     )
 
 

@@ -21,6 +21,8 @@ from sse_llm.contract import (
     MAX_REVIEWER_CHARS,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
+    DeliveryEnd,
+    DeliveryVia,
     ErrorCode,
     Status,
     Verdict,
@@ -169,13 +171,32 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_CHUNK_ID},
                     },
+                    {
+                        "name": "via",
+                        "in": "query",
+                        "schema": {"enum": [DeliveryVia.ATTACH, DeliveryVia.DASHBOARD]},
+                        "description": "How the connection is recorded in its deliveries"
+                        " (the dashboard's live view says `dashboard`); default `attach`.",
+                    },
                 ],
                 "responses": {
                     "200": _EVENT_STREAM,
                     "204": {"description": "Ended, and nothing after Last-Event-ID."},
                     "401": _error("The API key is missing or wrong."),
                     "404": _error("No conversation has this id."),
-                    "422": _error("Last-Event-ID is not a chunk number."),
+                    "422": _error("Last-Event-ID is not a chunk number, or `via` is unknown."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/deliveries": {
+            "get": {
+                "summary": "What each client connection to the conversation was sent",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "200": _json("Deliveries", "Its client connections, oldest first."),
+                    "401": _error("The API key is missing or wrong."),
+                    "404": _error("No conversation has this id."),
                     "503": _UNAVAILABLE,
                 },
             }
@@ -629,6 +650,13 @@ _HISTORY_FILTERS = [
         "ISO 8601; created before it (exclusive). Without a zone: UTC. Not before `from`.",
     ),
     _query(
+        "delivered",
+        {"enum": ["incomplete", ""]},
+        "`incomplete`: ended, and no client connection was sent its final event (`done` or"
+        " `error`), though some connection was recorded (a conversation older than the"
+        " record of deliveries is never listed).",
+    ),
+    _query(
         "before",
         {"type": "string", "format": "uuid"},
         "Keyset paging: the page after this conversation (the last item's `id`), in the"
@@ -756,6 +784,27 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 ]
             },
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["started_at", "ended_at", "via", "from_seq", "last_seq", "ended"],
+        "additionalProperties": False,
+        "properties": {
+            "started_at": _TIMESTAMP,
+            "ended_at": {"oneOf": [_TIMESTAMP, {"type": "null"}]},
+            "via": {"enum": list(DeliveryVia)},
+            "from_seq": {"type": "integer", "minimum": 1},
+            "last_seq": {"type": ["integer", "null"], "minimum": 1},
+            "ended": {"oneOf": [{"enum": list(DeliveryEnd)}, {"type": "null"}]},
+        },
+    },
+    "Deliveries": {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}
         },
     },
     "HistoryPage": {
