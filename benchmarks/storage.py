@@ -68,32 +68,34 @@ DELIVERIES_SQL = """
 """
 
 
-def seed(conn: psycopg.Connection, count: int, offset: int) -> None:
-    """Insert `count` ended conversations, as the writer leaves them, with their chunks."""
+def seed(conn: psycopg.Connection, count: int, offset: int) -> datetime:
+    """Insert `count` ended conversations, as the writer leaves them, with their chunks;
+    return a time after every end they record."""
     demo = DemoProvider(None, 60, 0)
     ids = [uuid.uuid4() for _ in range(count)]
+    # In the past: the ends come before the time returned.
+    now = time.time() - 10
     with conn.transaction():
         with conn.cursor().copy(
             "COPY conversations (id, prompt, response, status, created_at, first_chunk_at,"
             " completed_at, model, provider, chunk_count, prompt_tokens, completion_tokens,"
             " tokens_estimated) FROM STDIN"
         ) as copy:
-            now = time.time()
             for index, conversation_id in enumerate(ids):
                 prompt = f"bench k=60 t=50 pad=0 stream {offset + index} {os.urandom(4).hex()}"
                 response = "".join(demo.answer(prompt))
-                created = datetime.fromtimestamp(now - (count - index) * 0.01, UTC)
+                created = now - 3 - (count - index) * 0.001
                 copy.write_row(
-                    (conversation_id, prompt, response, "completed", created, created,
-                     created, "demo", "demo", 60, 12, 60, True)
+                    (conversation_id, prompt, response, "completed", _at(created),
+                     _at(created + 0.05), _at(created + 3), "demo", "demo", 60, 12, 60, True)
                 )  # fmt: skip
-        conn.execute(
-            "UPDATE conversations SET first_chunk_at = created_at + interval '50 ms',"
-            " completed_at = created_at + interval '3 s' WHERE id = ANY(%s)",
-            (ids,),
-        )
         conn.execute(CHUNKS_SQL, {"ids": ids})
         conn.execute(DELIVERIES_SQL, {"ids": ids, "instance": uuid.uuid4()})
+    return _at(now)
+
+
+def _at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def sizes(conn: psycopg.Connection) -> dict[str, int]:
@@ -121,10 +123,12 @@ def per_conversation(conn: psycopg.Connection) -> dict[str, Any]:
     }
 
 
-def uncompacted(conn: psycopg.Connection) -> int:
+def uncompacted(conn: psycopg.Connection, ended_before: datetime) -> int:
+    """Conversations that ended before `ended_before` (the seeded ones) not compacted yet."""
     row = conn.execute(
-        "SELECT count(*) FROM conversations"
-        " WHERE chunk_layout IS NULL AND status <> 'streaming' AND chunk_count > 0"
+        "SELECT count(*) FROM conversations WHERE chunk_layout IS NULL"
+        " AND status <> 'streaming' AND chunk_count > 0 AND completed_at < %s",
+        (ended_before,),
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -193,7 +197,7 @@ class Service:
             [python, "-m", "sse_llm.cli", "serve"], env=env, stdout=self.log, stderr=self.log
         )
         self.load: subprocess.Popen[str] | None = None
-        self.p99s: list[tuple[bool, float]] = []  # (compaction busy, p99 ms) per load run
+        self.p99s: list[tuple[bool, float | None]] = []  # (compaction busy, p99 ms) per load run
         time.sleep(4)
 
     def load_round(self) -> subprocess.Popen[str]:
@@ -221,9 +225,9 @@ class Service:
         self.log.close()
 
 
-def p99_figures(p99s: list[tuple[bool, float]]) -> dict[str, Any]:
-    busy = [p for b, p in p99s if b]
-    idle = [p for b, p in p99s if not b]
+def p99_figures(p99s: list[tuple[bool, float | None]]) -> dict[str, Any]:
+    busy = [p for b, p in p99s if b and p is not None]
+    idle = [p for b, p in p99s if not b and p is not None]
     return {
         "chunk_latency_p99_ms_during_compaction": {
             "runs": len(busy), "median": statistics.median(busy) if busy else None,
@@ -239,22 +243,25 @@ def backlog(server: str, args: argparse.Namespace) -> dict[str, Any]:
     """N conversations as rows, then the service folds them while streams run."""
     with database(server, "storage_backlog") as url, psycopg.connect(url, autocommit=True) as conn:
         for start in range(0, args.conversations, 10_000):
-            seed(conn, min(10_000, args.conversations - start), start)
+            seeded = seed(conn, min(10_000, args.conversations - start), start)
         conn.execute("ANALYZE")
         before = per_conversation(conn)
         print(json.dumps({"backlog_before": before}), flush=True)
         service = Service(url, args)
         try:
-            service.collect(service.load_round(), busy=False)  # idle: compaction not started
-            began, left = time.monotonic(), uncompacted(conn)
-            total = left
+            began, total = time.monotonic(), uncompacted(conn, seeded)
+            left, done_at = total, None
             while left:
-                load = service.load_round()
-                service.collect(load, busy=True)
-                left = uncompacted(conn)
+                busy, load = True, service.load_round()
+                while load.poll() is None:
+                    time.sleep(1)
+                    left = uncompacted(conn, seeded)
+                    if not left and done_at is None:
+                        done_at = time.monotonic()
+                service.collect(load, busy=busy)
                 print(json.dumps({"uncompacted": left}), flush=True)
-            seconds = time.monotonic() - began
-            service.collect(service.load_round(), busy=False)
+            seconds = (done_at or time.monotonic()) - began
+            service.collect(service.load_round(), busy=False)  # only the live ends to fold
             vacuum_wait = wait_for_autovacuum(conn, args.vacuum_wait)
             after = per_conversation(conn)
         finally:
@@ -278,9 +285,9 @@ def steady(server: str, args: argparse.Namespace) -> dict[str, Any]:
             load = service.load_round()
             seeded = 0
             while seeded < args.conversations:
-                seed(conn, args.round, seeded)
+                ended_before = seed(conn, args.round, seeded)
                 seeded += args.round
-                while uncompacted(conn):
+                while uncompacted(conn, ended_before):
                     time.sleep(1)
                 if load.poll() is not None:
                     service.collect(load, busy=True)

@@ -42,5 +42,4 @@ FROM conversations c CROSS JOIN LATERAL pg_temp.unfold_layout(c.chunk_layout, c.
 WHERE c.chunk_layout IS NOT NULL
 ON CONFLICT DO NOTHING;
 
-DROP INDEX conversations_uncompacted_idx;
 ALTER TABLE conversations DROP COLUMN chunk_layout;

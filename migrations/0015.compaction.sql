@@ -9,8 +9,3 @@
 -- NULL: its chunks, if any, are rows. Version 0: kept as rows on purpose (they did not
 -- match `response`; compaction.py logs it once).
 ALTER TABLE conversations ADD COLUMN chunk_layout bytea;
-
--- What compaction has left to do: ended conversations with chunks not yet folded. Small
--- (it holds only the last seconds' ends, or a backlog while it is worked off).
-CREATE INDEX conversations_uncompacted_idx ON conversations (completed_at)
-    WHERE chunk_layout IS NULL AND status <> 'streaming' AND chunk_count > 0;

@@ -85,15 +85,25 @@ async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchRes
 async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], bool]:
     """Lock the next ended, uncompacted conversations no other transaction has locked;
     and whether more may be waiting."""
-    # By the partial index conversations_uncompacted_idx, oldest end first. A row another
-    # compactor committed since this snapshot is re-checked on locking, and dropped.
+    # Found from the chunks table (by its primary key, one conversation after another),
+    # small once compaction keeps up: an index over conversations would name
+    # chunk_layout, and then no compaction's update could be HOT (a new entry in every
+    # index of conversations per fold). A row another compactor committed since this
+    # snapshot is re-checked on locking, and dropped.
     cursor = await conn.execute(
         """
-        SELECT id, response, chunk_count FROM conversations
-        WHERE chunk_layout IS NULL AND status <> 'streaming' AND chunk_count > 0
-        ORDER BY completed_at
+        WITH RECURSIVE walk(id) AS (
+            (SELECT conversation_id FROM chunks ORDER BY conversation_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT k.conversation_id FROM chunks k WHERE k.conversation_id > w.id
+                    ORDER BY k.conversation_id LIMIT 1)
+            FROM walk w WHERE w.id IS NOT NULL
+        )
+        SELECT c.id, c.response, c.chunk_count
+        FROM walk JOIN conversations c ON c.id = walk.id
+        WHERE c.chunk_layout IS NULL AND c.status <> 'streaming'
         LIMIT %(limit)s
-        FOR NO KEY UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE OF c SKIP LOCKED
         """,
         {"limit": limit},
     )

@@ -56,7 +56,9 @@ def compact(database_url: str, limit: int = 200) -> BatchResult:
     return result
 
 
-def compact_in_thread(database_url: str, limit: int = 200) -> concurrent.futures.Future[BatchResult]:
+def compact_in_thread(
+    database_url: str, limit: int = 200
+) -> concurrent.futures.Future[BatchResult]:
     executor = concurrent.futures.ThreadPoolExecutor(1)
     future = executor.submit(compact, database_url, limit)
     executor.shutdown(wait=False)
@@ -147,7 +149,9 @@ def test_replay_and_resume_are_exact_before_and_after_compaction(
     resumes = {tricky: range(len(TRICKY) + 1), long: [0, 1, 499, 998, 999, 1000]}
     texts = {tricky: TRICKY, long: LONG}
     before = {
-        (c, after): replay(own_server, c, after) for c, points in resumes.items() for after in points
+        (c, after): replay(own_server, c, after)
+        for c, points in resumes.items()
+        for after in points
     }
     timelines = {c: timeline(own_database, c) for c in texts}
     for (conversation_id, after), sent in before.items():
@@ -189,8 +193,7 @@ def test_chunks_that_do_not_make_up_the_response_are_kept_and_logged_once(
         assert compact(own_database) == BatchResult(0, 1, False)
         assert compact(own_database) == BatchResult(0, 0, False)
     assert [r.message for r in caplog.records].count(
-        f"conversation {conversation_id}: its chunk rows do not make up its response;"
-        " kept as rows"
+        f"conversation {conversation_id}: its chunk rows do not make up its response; kept as rows"
     ) == 1
     assert stored_form(own_db, conversation_id) == (2, chunk_layout.KEPT_AS_ROWS)
     assert replay(own_server, conversation_id) == [(1, "one "), (3, "three")]
@@ -264,11 +267,11 @@ def test_reads_started_before_a_compaction_commits_see_one_form(
 def test_two_compactors_never_take_the_same_conversation_nor_wait_for_each_other(
     own_database: str, own_db: psycopg.Connection
 ) -> None:
-    ids = [create_ended(own_database, [f"{n} ", "x", "y"]) for n in range(30)]
-    oldest = ids[0]
-    # Compactor A's batch (the 10 oldest ends) held at its delete by a lock on one row.
+    # Compactors walk the chunks table in the order of its key.
+    ids = sorted(create_ended(own_database, [f"{n} ", "x", "y"]) for n in range(30))
+    # Compactor A's batch (the first 10) held at its delete by a lock on one chunk row.
     with psycopg.connect(own_database) as holder:
-        holder.execute("SELECT 1 FROM chunks WHERE conversation_id = %s FOR UPDATE", (oldest,))
+        holder.execute("SELECT 1 FROM chunks WHERE conversation_id = %s FOR UPDATE", (ids[0],))
         first = compact_in_thread(own_database, 10)
         wait_for_lock_wait(own_db, "DELETE FROM chunks")
         # Compactor B skips A's locked rows and does the next 10, without waiting.
@@ -293,7 +296,7 @@ def test_two_compactors_never_take_the_same_conversation_nor_wait_for_each_other
 def test_a_compactor_killed_mid_batch_loses_nothing(
     own_database: str, own_db: psycopg.Connection
 ) -> None:
-    ids = [create_ended(own_database, TRICKY) for _ in range(5)]
+    ids = sorted(create_ended(own_database, TRICKY) for _ in range(5))
     with psycopg.connect(own_database) as holder:
         holder.execute("SELECT 1 FROM chunks WHERE conversation_id = %s FOR UPDATE", (ids[0],))
         server = spawn_server(own_database, SSE_LLM_COMPACTION_INTERVAL="0.2")
@@ -338,14 +341,14 @@ def test_a_server_compacts_in_the_background(own_database: str, base_settings: S
         base_settings.with_changes(database_url=own_database, compaction_interval=0.1)
     )
     try:
-        with httpx.Client(base_url=running.url, timeout=30) as client:
-            with client.stream("POST", "/stream", json={"prompt": "fold me"}) as response:
-                conversation_id = response.headers["x-conversation-id"]
-                sent = [(int(e.id or 0), e.json["text"]) for e in iter_events(response) if e.id]
+        with (
+            httpx.Client(base_url=running.url, timeout=30) as client,
+            client.stream("POST", "/stream", json={"prompt": "fold me"}) as response,
+        ):
+            conversation_id = response.headers["x-conversation-id"]
+            sent = [(int(e.id or 0), e.json["text"]) for e in iter_events(response) if e.id]
         with psycopg.connect(own_database, autocommit=True) as db:
             wait_until(lambda: stored_form(db, UUID(conversation_id))[0] == 0, 20)
         assert replay(running, UUID(conversation_id)) == sent
     finally:
         running.stop()
-
-
