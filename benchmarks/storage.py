@@ -126,8 +126,9 @@ def per_conversation(conn: psycopg.Connection) -> dict[str, Any]:
 def uncompacted(conn: psycopg.Connection, ended_before: datetime) -> int:
     """Conversations that ended before `ended_before` (the seeded ones) not compacted yet."""
     row = conn.execute(
-        "SELECT count(*) FROM conversations WHERE chunk_layout IS NULL"
-        " AND status <> 'streaming' AND chunk_count > 0 AND completed_at < %s",
+        "SELECT count(*) FROM conversations c WHERE status <> 'streaming' AND chunk_count > 0"
+        " AND completed_at < %s"
+        " AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)",
         (ended_before,),
     ).fetchone()
     return int(row[0]) if row else 0

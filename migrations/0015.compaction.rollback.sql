@@ -38,8 +38,15 @@ $$;
 
 INSERT INTO chunks (conversation_id, seq, text, created_at)
 SELECT c.id, u.seq, u.text, u.created_at
-FROM conversations c CROSS JOIN LATERAL pg_temp.unfold_layout(c.chunk_layout, c.response, c.created_at) AS u
-WHERE c.chunk_layout IS NOT NULL
+FROM chunk_layouts l JOIN conversations c ON c.id = l.conversation_id
+CROSS JOIN LATERAL pg_temp.unfold_layout(l.layout, c.response, c.created_at) AS u
 ON CONFLICT DO NOTHING;
 
-ALTER TABLE conversations DROP COLUMN chunk_layout;
+DROP TABLE chunk_layouts;
+
+DROP INDEX conversations_search_idx;
+ALTER TABLE conversations ADD COLUMN search tsvector GENERATED ALWAYS AS (
+    to_tsvector('english'::regconfig, left(prompt, 100000) || ' ' || left(response, 400000))
+) STORED;
+ALTER TABLE conversations ALTER COLUMN search SET STATISTICS 10000;
+CREATE INDEX conversations_search_idx ON conversations USING gin (search);

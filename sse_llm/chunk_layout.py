@@ -1,6 +1,6 @@
 """The compact form of an ended conversation's chunks: boundaries and times beside `response`.
 
-`conversations.chunk_layout` (migration 0015): a version byte, then per chunk two
+`chunk_layouts.layout` (migration 0015): a version byte, then per chunk two
 varints (7 bits a byte, low first): its length in characters (code points, as
 PostgreSQL's `char_length` and Python's `len` count them) and its time in whole
 milliseconds after the previous chunk's (the first's: after the conversation's

@@ -1,4 +1,4 @@
-"""Compact storage: the chunk rows of ended conversations folded into `chunk_layout`.
+"""Compact storage: the chunk rows of ended conversations folded into `chunk_layouts`.
 
 A chunk row costs ~127 bytes on disk for ~7 characters of text; once a conversation has
 ended, its text is all in `response`, and its chunks need only their boundaries and
@@ -8,7 +8,7 @@ every `SSE_LLM_COMPACTION_INTERVAL` seconds (5; 0: never) one batch, in ONE tran
      (`FOR NO KEY UPDATE SKIP LOCKED`: replicas take disjoint batches and never wait
      for each other; the lock does not conflict with a review's foreign-key check),
   2. reads their chunk rows, checks they make up `response` exactly, and encodes them,
-  3. writes `chunk_layout` and deletes the chunk rows.
+  3. inserts their `chunk_layouts` rows and deletes their chunk rows.
 A crash anywhere rolls all of it back. Readers (store.read_chunks, store.chunk_timeline)
 read both forms in one statement, so one snapshot shows either the rows or the layout of
 a conversation, never neither nor both. Streaming conversations are never selected (their
@@ -16,7 +16,7 @@ chunks are the streaming path's), nor are rows the writer may still touch: its f
 admits chunks and ends only for `streaming` rows.
 
 A conversation whose rows do not make up its response (deleted by hand, say) keeps its
-rows: it is marked `KEPT_AS_ROWS` so it is logged once and never examined again.
+rows: its layout says `KEPT_AS_ROWS`, so it is logged once and never examined again.
 
 Off the streaming path: after a full batch the next starts only after as long again as it
 took, so a backlog uses at most half of one connection.
@@ -65,11 +65,16 @@ async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchRes
         ended, more = await _lock_ended(conn, limit)
         if not ended:
             return BatchResult(0, 0)
+        # A new snapshot, taken once the locks are held: a conversation another
+        # compactor folded after this transaction's first snapshot (so it was locked
+        # again on its commit) now shows no rows, and is skipped.
         chunks = await _read_chunks(conn, [conversation.id for conversation in ended])
         layouts: dict[UUID, bytes] = {}
         kept = 0
         for conversation in ended:
-            layout = _layout_of(conversation, chunks.get(conversation.id, []))
+            if conversation.id not in chunks:
+                continue
+            layout = _layout_of(conversation, chunks[conversation.id])
             if layout is None:
                 kept += 1
                 log.warning(
@@ -86,10 +91,7 @@ async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], 
     """Lock the next ended, uncompacted conversations no other transaction has locked;
     and whether more may be waiting."""
     # Found from the chunks table (by its primary key, one conversation after another),
-    # small once compaction keeps up: an index over conversations would name
-    # chunk_layout, and then no compaction's update could be HOT (a new entry in every
-    # index of conversations per fold). A row another compactor committed since this
-    # snapshot is re-checked on locking, and dropped.
+    # which is small once compaction keeps up: no index over every conversation needed.
     cursor = await conn.execute(
         """
         WITH RECURSIVE walk(id) AS (
@@ -101,7 +103,8 @@ async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], 
         )
         SELECT c.id, c.response, c.chunk_count
         FROM walk JOIN conversations c ON c.id = walk.id
-        WHERE c.chunk_layout IS NULL AND c.status <> 'streaming'
+        WHERE c.status <> 'streaming'
+          AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
         LIMIT %(limit)s
         FOR NO KEY UPDATE OF c SKIP LOCKED
         """,
@@ -156,9 +159,8 @@ async def _write_layouts(conn: AsyncConnection, layouts: dict[UUID, bytes]) -> N
     """Store the layouts, and delete the chunk rows of those that are compact."""
     await conn.execute(
         """
-        UPDATE conversations AS c SET chunk_layout = l.layout
-        FROM unnest(%(ids)s::uuid[], %(layouts)s::bytea[]) AS l(id, layout)
-        WHERE c.id = l.id
+        INSERT INTO chunk_layouts (conversation_id, layout)
+        SELECT * FROM unnest(%(ids)s::uuid[], %(layouts)s::bytea[])
         """,
         {"ids": list(layouts), "layouts": list(layouts.values())},
     )

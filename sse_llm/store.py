@@ -352,7 +352,7 @@ async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> 
         return await cursor.fetchone()
 
 
-# An ended conversation's chunks are rows, or its `chunk_layout` once compacted
+# An ended conversation's chunks are rows, or its `chunk_layouts` row once compacted
 # (compaction.py): each read below takes both in ONE statement, so its one snapshot sees
 # a compaction either wholly committed or not at all: never neither form, nor both.
 # (LIVE_RESPONSE and LIVE_CHUNK_COUNT read `response` and `chunk_count` of an ended
@@ -367,8 +367,9 @@ async def read_chunks(
         SELECT seq, text, NULL::text AS response, NULL::bytea AS layout FROM chunks
         WHERE conversation_id = %(id)s AND seq > %(after)s
         UNION ALL
-        SELECT NULL, NULL, response, chunk_layout FROM conversations
-        WHERE id = %(id)s AND chunk_layout IS NOT NULL
+        SELECT NULL, NULL, c.response, l.layout
+        FROM chunk_layouts l JOIN conversations c ON c.id = l.conversation_id
+        WHERE l.conversation_id = %(id)s
     """
     async with pool.connection() as conn:
         cursor = await conn.execute(query, {"id": conversation_id, "after": after_seq})
@@ -395,8 +396,7 @@ async def chunk_timeline(
         FROM chunks k JOIN conversations c ON c.id = k.conversation_id
         WHERE k.conversation_id = %(id)s
         UNION ALL
-        SELECT NULL, NULL, NULL, chunk_layout FROM conversations
-        WHERE id = %(id)s AND chunk_layout IS NOT NULL
+        SELECT NULL, NULL, NULL, layout FROM chunk_layouts WHERE conversation_id = %(id)s
     """
     cursor = await conn.execute(query, {"id": conversation_id})
     timeline: list[tuple[int, float, int]] = []

@@ -1,4 +1,4 @@
-"""Compact storage: ended conversations' chunk rows folded into `chunk_layout`, replay exact."""
+"""Compact storage: ended conversations' chunk rows folded into `chunk_layouts`, replay exact."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def expected(texts: Sequence[str], after: int = 0) -> list[tuple[int, str]]:
 def stored_form(db: psycopg.Connection, conversation_id: UUID) -> tuple[int, bytes | None]:
     row = db.execute(
         "SELECT (SELECT count(*) FROM chunks WHERE conversation_id = %(id)s),"
-        " (SELECT chunk_layout FROM conversations WHERE id = %(id)s)",
+        " (SELECT layout FROM chunk_layouts WHERE conversation_id = %(id)s)",
         {"id": conversation_id},
     ).fetchone()
     assert row is not None
@@ -219,7 +219,7 @@ def wait_for_lock_wait(db: psycopg.Connection, statement_start: str) -> None:
         # Held after writing the layout, before deleting the rows and committing.
         ("LOCK TABLE chunks IN SHARE MODE", "DELETE FROM chunks"),
         # Held after reading the rows, before writing anything.
-        ("LOCK TABLE conversations IN SHARE MODE", "UPDATE conversations"),
+        ("LOCK TABLE chunk_layouts IN SHARE MODE", "INSERT INTO chunk_layouts"),
     ],
 )
 def test_a_replay_overlapping_the_compaction_of_its_conversation_is_exact(
@@ -278,7 +278,7 @@ def test_two_compactors_never_take_the_same_conversation_nor_wait_for_each_other
         second = compact(own_database, 10)
         assert second.compacted == 10
         compacted = own_db.execute(
-            "SELECT array_agg(id) FROM conversations WHERE chunk_layout IS NOT NULL"
+            "SELECT array_agg(conversation_id) FROM chunk_layouts"
         ).fetchone()[0]  # type: ignore[index]
         assert set(compacted) == set(ids[10:20])
         holder.rollback()
@@ -330,7 +330,8 @@ def test_the_compact_form_of_a_60_chunk_answer_takes_about_two_bytes_a_chunk(
     conversation_id = create_ended(own_database, words)
     compact(own_database)
     size = own_db.execute(
-        "SELECT pg_column_size(chunk_layout) FROM conversations WHERE id = %s", (conversation_id,)
+        "SELECT pg_column_size(layout) FROM chunk_layouts WHERE conversation_id = %s",
+        (conversation_id,),
     ).fetchone()[0]  # type: ignore[index]
     # Where the 60 chunk rows took ~7,600 bytes with their index.
     assert size <= 1 + 4 + 60 * 2 + 60
