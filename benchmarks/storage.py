@@ -255,7 +255,7 @@ def backlog(server: str, args: argparse.Namespace) -> dict[str, Any]:
             while left:
                 busy, load = True, service.load_round()
                 while load.poll() is None:
-                    time.sleep(1)
+                    time.sleep(5)
                     left = uncompacted(conn, seeded)
                     if not left and done_at is None:
                         done_at = time.monotonic()
@@ -284,12 +284,15 @@ def steady(server: str, args: argparse.Namespace) -> dict[str, Any]:
         service = Service(url, args)
         try:
             load = service.load_round()
-            seeded = 0
+            seeded, rates = 0, []
             while seeded < args.conversations:
                 ended_before = seed(conn, args.round, seeded)
                 seeded += args.round
+                began = time.monotonic()
                 while uncompacted(conn, ended_before):
-                    time.sleep(1)
+                    time.sleep(2)
+                rates.append(args.round / (time.monotonic() - began))
+                print(json.dumps({"seeded": seeded, "rate": round(rates[-1], 1)}), flush=True)
                 if load.poll() is not None:
                     service.collect(load, busy=True)
                     load = service.load_round()
@@ -301,6 +304,7 @@ def steady(server: str, args: argparse.Namespace) -> dict[str, Any]:
             service.close()
     return {
         "after": after,
+        "conversations_per_second": round(statistics.median(rates), 1),
         "autovacuum_wait_seconds": round(vacuum_wait),
         **p99_figures(service.p99s),
     }

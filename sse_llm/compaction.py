@@ -29,6 +29,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 from psycopg import AsyncConnection
@@ -57,6 +58,7 @@ class _Ended:
     id: UUID
     response: str
     chunk_count: int
+    created_at: datetime
 
 
 async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchResult:
@@ -68,7 +70,7 @@ async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchRes
         # A new snapshot, taken once the locks are held: a conversation another
         # compactor folded after this transaction's first snapshot (so it was locked
         # again on its commit) now shows no rows, and is skipped.
-        chunks = await _read_chunks(conn, [conversation.id for conversation in ended])
+        chunks = await _read_chunks(conn, ended)
         layouts: dict[UUID, bytes] = {}
         kept = 0
         for conversation in ended:
@@ -101,7 +103,7 @@ async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], 
                     ORDER BY k.conversation_id LIMIT 1)
             FROM walk w WHERE w.id IS NOT NULL
         )
-        SELECT c.id, c.response, c.chunk_count
+        SELECT c.id, c.response, c.chunk_count, c.created_at
         FROM walk JOIN conversations c ON c.id = walk.id
         WHERE c.status <> 'streaming'
           AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
@@ -122,21 +124,21 @@ async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], 
 
 
 async def _read_chunks(
-    conn: AsyncConnection, ids: list[UUID]
+    conn: AsyncConnection, ended: list[_Ended]
 ) -> dict[UUID, list[tuple[int, str, float]]]:
-    """The chunk rows of `ids`: (seq, text, ms after the conversation's created_at), in order."""
+    """The chunk rows of `ended`: (seq, text, ms after the conversation's created_at), in order."""
     cursor = await conn.execute(
         """
-        SELECT k.conversation_id, k.seq, k.text,
-               extract(epoch FROM k.created_at - c.created_at)::float8 * 1000
-        FROM chunks k JOIN conversations c ON c.id = k.conversation_id
-        WHERE k.conversation_id = ANY(%(ids)s)
-        ORDER BY k.conversation_id, k.seq
+        SELECT conversation_id, seq, text, created_at FROM chunks
+        WHERE conversation_id = ANY(%(ids)s)
+        ORDER BY conversation_id, seq
         """,
-        {"ids": ids},
+        {"ids": [conversation.id for conversation in ended]},
     )
+    created = {conversation.id: conversation.created_at for conversation in ended}
     chunks: dict[UUID, list[tuple[int, str, float]]] = defaultdict(list)
-    for conversation_id, seq, text, milliseconds in await cursor.fetchall():
+    for conversation_id, seq, text, at in await cursor.fetchall():
+        milliseconds = (at - created[conversation_id]).total_seconds() * 1000
         chunks[conversation_id].append((seq, text, milliseconds))
     return chunks
 
