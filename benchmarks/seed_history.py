@@ -43,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from seed_reviews import rebuild_counts, seed_reviews
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.append(str(REPO))  # the project root: tests.support
+from sse_llm.history_filters import SEARCH_VECTOR  # noqa: E402
 from tests.support import free_port, wait_until  # noqa: E402
 
 NOT_STARTED = "sse-llm did not start; see results/history-server.log"
@@ -137,6 +139,16 @@ def seed(database_url: str, count: int, jobs: int, pool: int = 20_000) -> dict[s
             WHERE i.indrelid = 'conversations'::regclass AND NOT i.indisprimary
             """
         ).fetchall()
+        # The statistics targets of expression indexes (the search's: migration 0015),
+        # which their definitions do not carry.
+        targets = conn.execute(
+            """
+            SELECT format('ALTER INDEX %s ALTER COLUMN %s SET STATISTICS %s',
+                          a.attrelid::regclass, a.attnum, a.attstattarget)
+            FROM pg_attribute a JOIN pg_index i ON i.indexrelid = a.attrelid
+            WHERE i.indrelid = 'conversations'::regclass AND a.attstattarget > 0
+            """
+        ).fetchall()
         for name, _ in indexes:
             conn.execute(f"DROP INDEX {name}")  # rebuilt below with the same definition
         pools_done = time.monotonic()
@@ -154,6 +166,8 @@ def seed(database_url: str, count: int, jobs: int, pool: int = 20_000) -> dict[s
             for name, definition in indexes:
                 print(f"  rebuilding {name}", flush=True)
                 conn.execute(definition)
+            for (target,) in targets:
+                conn.execute(target)
             conn.execute("DROP TABLE IF EXISTS seed_prompts, seed_responses")
         conn.execute("ANALYZE conversations")
         total = conn.execute("SELECT count(*) FROM conversations").fetchone()
@@ -217,8 +231,10 @@ def match_counts(database_url: str, words: list[str]) -> dict[str, int]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         for word in [words[rank] for _, rank in SEARCHED]:
             row = conn.execute(
-                "SELECT count(*) FROM conversations"
-                " WHERE search @@ websearch_to_tsquery('english', %s)",
+                sql.SQL(
+                    "SELECT count(*) FROM conversations c"
+                    " WHERE {vector} @@ websearch_to_tsquery('english', %s)"
+                ).format(vector=SEARCH_VECTOR),
                 (word,),
             ).fetchone()
             counts[word] = row[0] if row else 0

@@ -30,6 +30,7 @@ from sse_llm import (
 from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
+from sse_llm.compaction import Compactor
 from sse_llm.config import ConfigError, Settings, parse_rate
 from sse_llm.dashboard import create_templates
 from sse_llm.database import apply_migrations, open_pool, open_query_pool
@@ -135,6 +136,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_interval=settings.lease_interval,
     )
     broadcast.start()
+    compactor = Compactor(pool, settings.compaction_interval, settings.compaction_batch)
+    compactor.start()
     service = Service(
         **vars(base),
         pool=pool,
@@ -165,6 +168,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             drain.cancel()  # stopped without a signal (tests, embedding apps)
             base.lifecycle.shutting_down = True
             await generations.shutdown(settings.shutdown_grace)
+        await compactor.close()
         await writer.close()
         await lease.release()
         await broadcast.close()

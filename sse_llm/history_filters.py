@@ -29,6 +29,13 @@ from sse_llm.contract import (
 )
 from sse_llm.errors import ApiError
 
+# A conversation's full-text vector, as its index (migration 0015) is built on: a query
+# must spell exactly this for the index to serve it. Bounded inputs keep the vector under
+# PostgreSQL's 1 MB limit for huge answers.
+SEARCH_VECTOR = sql.SQL(
+    "to_tsvector('english'::regconfig, left(c.prompt, 100000) || ' ' || left(c.response, 400000))"
+)
+
 _Choice = TypeVar("_Choice", Status, Verdict)
 _Value = TypeVar("_Value")
 
@@ -291,7 +298,11 @@ def conversation_conditions(
     parts: list[sql.Composable] = []
     params: dict[str, Any] = {}
     if history_filter.q:
-        parts.append(sql.SQL("c.search @@ websearch_to_tsquery('english', %(filter_q)s)"))
+        parts.append(
+            sql.SQL("{vector} @@ websearch_to_tsquery('english', %(filter_q)s)").format(
+                vector=SEARCH_VECTOR
+            )
+        )
         params["filter_q"] = history_filter.q
     if history_filter.status:
         parts.append(sql.SQL("c.status = %(filter_status)s"))

@@ -282,7 +282,8 @@ async def _newest_window(
     )
     statement = sql.SQL("""
         SELECT c.id, c.created_at FROM (
-            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {inner} AND {keyset}
+            SELECT c.id, c.created_at, c.prompt, c.response FROM conversations c
+            WHERE {inner} AND {keyset}
             ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
         ) AS c
         WHERE {outer}

@@ -14,6 +14,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from sse_llm import chunk_layout
 from sse_llm.contract import (
     CANCEL_CHANNEL,
     CHUNKS_CHANNEL,
@@ -379,19 +380,61 @@ async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> 
         return await cursor.fetchone()
 
 
+# An ended conversation's chunks are rows, or its `chunk_layouts` row once compacted
+# (compaction.py): each read below takes both in ONE statement, so its one snapshot sees
+# a compaction either wholly committed or not at all: never neither form, nor both.
+# (LIVE_RESPONSE and LIVE_CHUNK_COUNT read `response` and `chunk_count` of an ended
+# conversation, which compaction leaves as they are.)
+
+
 async def read_chunks(
     pool: AsyncConnectionPool, conversation_id: UUID, after_seq: int = 0
 ) -> list[Chunk]:
-    """The persisted chunks of a conversation after `after_seq`, in order."""
+    """The persisted chunks of a conversation after `after_seq`, in order (rows or layout)."""
     query = """
-        SELECT conversation_id, seq, text FROM chunks
+        SELECT seq, text, NULL::text AS response, NULL::bytea AS layout FROM chunks
         WHERE conversation_id = %(id)s AND seq > %(after)s
-        ORDER BY seq
+        UNION ALL
+        SELECT NULL, NULL, c.response, l.layout
+        FROM chunk_layouts l JOIN conversations c ON c.id = l.conversation_id
+        WHERE l.conversation_id = %(id)s
     """
     async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(Chunk))
-        await cursor.execute(query, {"id": conversation_id, "after": after_seq})
-        return await cursor.fetchall()
+        cursor = await conn.execute(query, {"id": conversation_id, "after": after_seq})
+        rows = await cursor.fetchall()
+    chunks = [Chunk(conversation_id, seq, text) for seq, text, _, layout in rows if layout is None]
+    for _, _, response, layout in rows:
+        if layout is not None:
+            chunks.extend(
+                Chunk(conversation_id, laid.seq, laid.text)
+                for laid in chunk_layout.decode(layout, response)
+                if laid.seq > after_seq
+            )
+    chunks.sort(key=lambda chunk: chunk.seq)
+    return chunks
+
+
+async def chunk_timeline(
+    conn: AsyncConnection, conversation_id: UUID
+) -> list[tuple[int, float, int]]:
+    """Each chunk of a conversation as (seq, ms since its created_at, characters), in order."""
+    query = """
+        SELECT k.seq, extract(epoch FROM k.created_at - c.created_at)::float8 * 1000,
+               char_length(k.text), NULL::bytea AS layout
+        FROM chunks k JOIN conversations c ON c.id = k.conversation_id
+        WHERE k.conversation_id = %(id)s
+        UNION ALL
+        SELECT NULL, NULL, NULL, layout FROM chunk_layouts WHERE conversation_id = %(id)s
+    """
+    cursor = await conn.execute(query, {"id": conversation_id})
+    timeline: list[tuple[int, float, int]] = []
+    for seq, milliseconds, characters, layout in await cursor.fetchall():
+        if layout is None:
+            timeline.append((seq, milliseconds, characters))
+        else:
+            timeline.extend(chunk_layout.timeline(layout))
+    timeline.sort()
+    return timeline
 
 
 async def lock_instance(conn: AsyncConnection, instance_id: UUID) -> datetime | None:
