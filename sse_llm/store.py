@@ -863,26 +863,6 @@ async def list_deliveries(
         return await rows.fetchall()
 
 
-async def chunk_timeline(
-    conn: AsyncConnection, conversation_id: UUID
-) -> list[tuple[int, float, int]]:
-    """Each chunk's (seq, milliseconds since the conversation was created, characters).
-
-    The one read of per-chunk times (the detail page's timeline). A chunk's time is its
-    batch's commit transaction's, so chunks of one batch share it.
-    """
-    cursor = await conn.execute(
-        """
-        SELECT k.seq, extract(epoch FROM k.created_at - c.created_at)::float8 * 1000,
-               length(k.text)
-        FROM conversations c JOIN chunks k ON k.conversation_id = c.id
-        WHERE c.id = %s ORDER BY k.seq
-        """,
-        (conversation_id,),
-    )
-    return [(int(seq), float(ms), int(chars)) for seq, ms, chars in await cursor.fetchall()]
-
-
 # --- sessions ---
 # Browser sessions (SPEC 8; sse_llm/access.py): a row per sign-in, keyed by a hash of the
 # cookie's token. Times come from the database's clock, the one every replica shares.
