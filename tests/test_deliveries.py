@@ -20,7 +20,7 @@ import pytest
 from sse_llm import store
 from sse_llm.config import Settings
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, start_server, word
 from tests.fake_upstream import FakeUpstream, Script
 from tests.processes import BackgroundStream, spawn_server
 from tests.sse_client import Event, iter_events
@@ -300,7 +300,8 @@ def test_a_clean_shutdown_ends_its_deliveries_with_the_end_it_sent(
 def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
     slow_client: httpx.Client, db: psycopg.Connection
 ) -> None:
-    with slow_client.stream("POST", "/stream", json={"prompt": "nobody sees the end"}) as r:
+    tag = word()
+    with slow_client.stream("POST", "/stream", json={"prompt": f"{tag} nobody sees"}) as r:
         conversation_id = r.headers["x-conversation-id"]
         read_until(iter_events(r), 3)
 
@@ -312,6 +313,12 @@ def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
     assert summary(deliveries(slow_client, conversation_id, 1))[0][3] == "client_left"
     assert conversation_id in incomplete_ids(slow_client)
     assert cut_flag(db, conversation_id) is True
+    # With the other filters: a search, a status, a review condition (each walk of the
+    # history's page finder).
+    for extra in ({"q": tag}, {"status": "completed"}, {"reviewed": "false", "q": tag}):
+        found = slow_client.get("/history", params={"delivered": "incomplete", **extra})
+        assert found.status_code == 200, (extra, found.text)
+        assert conversation_id in {item["id"] for item in found.json()["items"]}, extra
     assert "incomplete" in slow_client.get("/?delivered=incomplete").text
     # Strict in the API: an unknown value names the parameter.
     refused = slow_client.get("/history", params={"delivered": "maybe"})
