@@ -28,10 +28,11 @@ What can go wrong, and why each answer is what it is:
   so the history says what the clients saw. A batch whose COMMIT reply was lost may
   have created conversations for requests that got an error: nobody knows their ids,
   so their rows are deleted once the database answers again.
-- Deliveries (what each client connection was sent) are records, not the stream: an
-  open and an end ride the next batch (one statement for all of them), a delivery whose
-  open is still queued when it ends is written once, ended. Through an outage they are
-  kept and retried with the other leftovers; none ever fails a stream.
+- Deliveries (what each client connection was sent) are records, not the stream: opens
+  and ends gather for up to DELIVERY_LINGER_SECONDS, then ride the next batch (one
+  statement for all of them: a few a second however many streams, not one per batch);
+  a delivery whose open is still waiting when it ends is written once, ended. Through an
+  outage they are kept and retried with the other leftovers; none ever fails a stream.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ BUSY_BATCH = 4
 # Deliveries kept through an outage, at most (a few per client connection; past this the
 # oldest records are given up, with a log line, rather than memory).
 MAX_KEPT_DELIVERIES = 10_000
+# How long deliveries' opens and ends wait to be written together: a crash loses at most
+# this much of them (an end not written leaves its row to recovery, which says `lost`).
+DELIVERY_LINGER_SECONDS = 0.25
 # Backoff between attempts while the database is away (a batch's own retries, and
 # those of kept ends and unconfirmed conversations when nothing else is written).
 RETRY_FIRST_SECONDS = 0.05
@@ -186,6 +190,8 @@ class Writer:
         self._kept: dict[UUID, Ending] = {}
         self._unconfirmed: set[UUID] = set()
         self._kept_deliveries: dict[UUID, DeliveryRecord] = {}
+        self._waiting_deliveries: dict[UUID, DeliveryRecord] = {}
+        self._deliveries_due = 0.0  # loop time by which the waiting ones are written
         self._retry_delay = 0.0
         self._committing = False  # the COMMIT of the current transaction is under way
         self._wake = asyncio.Event()
@@ -249,10 +255,20 @@ class Writer:
         return future
 
     def record_delivery(self, delivery: DeliveryRecord) -> None:
-        """Queue a delivery's open or end for the next batch (no future: nobody waits)."""
-        if not self._closed:
-            self._pending.deliveries[delivery.id] = delivery
-            self._wake.set()
+        """Queue a delivery's open or end, written within DELIVERY_LINGER_SECONDS (no
+        future: nobody waits)."""
+        if self._closed:
+            return
+        if not self._waiting_deliveries:
+            self._deliveries_due = asyncio.get_running_loop().time() + DELIVERY_LINGER_SECONDS
+            self._wake.set()  # an idle writer starts counting
+        self._waiting_deliveries[delivery.id] = delivery
+
+    def _take_deliveries(self, batch: _Batch, *, now: bool = False) -> None:
+        """Move the waiting deliveries into `batch` once they are due (or `now`)."""
+        waiting = self._waiting_deliveries
+        if waiting and (now or asyncio.get_running_loop().time() >= self._deliveries_due):
+            batch.deliveries, self._waiting_deliveries = waiting, {}
 
     def unsettled_ids(self) -> set[UUID]:
         """Conversations whose end is queued, being written or kept for a retry, or whose
@@ -278,6 +294,15 @@ class Writer:
             # Checked before every wait, not after a wake-up: a write and close() in the
             # same tick set the event once, and the close must not wait for another.
             if not self._pending:
+                if self._waiting_deliveries:
+                    due = self._deliveries_due - asyncio.get_running_loop().time()
+                    if self._closing or due <= 0:
+                        batch = _Batch()
+                        self._take_deliveries(batch, now=True)
+                        await self._write_batch(batch)
+                    else:
+                        await self._woken_within(due)
+                    continue
                 leftovers = bool(self._kept or self._unconfirmed or self._kept_deliveries)
                 if self._closing:
                     if not leftovers or last_try:
@@ -295,6 +320,7 @@ class Writer:
             if busy and not self._closing:
                 await asyncio.sleep(LINGER_SECONDS)
             batch, self._pending = self._pending, _Batch()
+            self._take_deliveries(batch, now=self._closing)
             self._writing = batch
             await self._write_batch(batch)
             self._writing = None

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID, uuid4
 
 import httpx
 import psycopg
@@ -19,12 +20,18 @@ import pytest
 
 from sse_llm import store
 from sse_llm.config import Settings
+from sse_llm.contract import DeliveryEnd, DeliveryVia
+from sse_llm.deliveries import Delivery
 from sse_llm.http_protocol import BoundedHttpToolsProtocol
-from tests.conftest import RunningServer, start_server
+from sse_llm.metrics import Metrics
+from sse_llm.store import Chunk, NewConversation
+from sse_llm.writer import Writer
+from tests.conftest import RunningServer, start_server, word
 from tests.fake_upstream import FakeUpstream, Script
 from tests.processes import BackgroundStream, spawn_server
 from tests.sse_client import Event, iter_events
-from tests.support import wait_until
+from tests.support import run, wait_until
+from tests.test_writer import Owner
 
 TOKENS = 20
 
@@ -300,7 +307,8 @@ def test_a_clean_shutdown_ends_its_deliveries_with_the_end_it_sent(
 def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
     slow_client: httpx.Client, db: psycopg.Connection
 ) -> None:
-    with slow_client.stream("POST", "/stream", json={"prompt": "nobody sees the end"}) as r:
+    tag = word()
+    with slow_client.stream("POST", "/stream", json={"prompt": f"{tag} nobody sees"}) as r:
         conversation_id = r.headers["x-conversation-id"]
         read_until(iter_events(r), 3)
 
@@ -312,6 +320,12 @@ def test_a_cut_off_answer_nobody_saw_the_end_of_is_found_as_incomplete(
     assert summary(deliveries(slow_client, conversation_id, 1))[0][3] == "client_left"
     assert conversation_id in incomplete_ids(slow_client)
     assert cut_flag(db, conversation_id) is True
+    # With the other filters: a search, a status, a review condition (each walk of the
+    # history's page finder).
+    for extra in ({"q": tag}, {"status": "completed"}, {"reviewed": "false", "q": tag}):
+        found = slow_client.get("/history", params={"delivered": "incomplete", **extra})
+        assert found.status_code == 200, (extra, found.text)
+        assert conversation_id in {item["id"] for item in found.json()["items"]}, extra
     assert "incomplete" in slow_client.get("/?delivered=incomplete").text
     # Strict in the API: an unknown value names the parameter.
     refused = slow_client.get("/history", params={"delivered": "maybe"})
@@ -385,3 +399,41 @@ def test_openapi_describes_deliveries_and_the_delivered_filter(client: httpx.Cli
     }
     history = document["paths"]["/history"]["get"]["parameters"]
     assert "delivered" in {parameter["name"] for parameter in history}
+
+
+def test_a_connection_that_ends_before_its_open_is_written_is_one_row_written_once(
+    database_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[list[tuple[str | None, int | None]]] = []
+    real = store.write_deliveries
+
+    async def counted(conn: psycopg.AsyncConnection, rows: Any) -> list[Any]:
+        written.append([(row.ended, row.last_seq) for row in rows])
+        return await real(conn, rows)
+
+    monkeypatch.setattr(store, "write_deliveries", counted)
+
+    async def scenario() -> UUID:
+        writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
+        owner_id = uuid4()
+        writer.start(owner_id)
+        try:
+            row = await writer.create(NewConversation(uuid4(), "quick", "demo", "demo", owner_id))
+            delivery = Delivery(writer, {}, row.id, DeliveryVia.V1, owner_id)
+            # Opened and ended with no await between: the writer has not taken its batch.
+            delivery.open()
+            delivery.end_with(DeliveryEnd.DONE, 3)
+            delivery.close()
+            await writer.write(Chunk(row.id, 1, "x"), Owner())  # a batch after it
+            return row.id
+        finally:
+            await writer.close()
+
+    conversation_id = run(scenario())
+    assert written == [[("done", 3)]]
+    stored = db.execute(
+        "SELECT via, from_seq, last_seq, ended, ended_at IS NOT NULL FROM deliveries"
+        " WHERE conversation_id = %s",
+        (conversation_id,),
+    ).fetchall()
+    assert stored == [("v1", 1, 3, "done", True)]
