@@ -189,13 +189,19 @@ def test_chunks_that_do_not_make_up_the_response_are_kept_and_logged_once(
 ) -> None:
     conversation_id = create_ended(own_database, ["one ", "two ", "three"])
     own_db.execute("DELETE FROM chunks WHERE conversation_id = %s AND seq = 2", (conversation_id,))
+    edited = create_ended(own_database, ["same ", "count"])  # every row there, one changed
+    own_db.execute(
+        "UPDATE chunks SET text = 'other' WHERE conversation_id = %s AND seq = 2", (edited,)
+    )
     with caplog.at_level(logging.WARNING, logger="sse_llm.compaction"):
-        assert compact(own_database) == BatchResult(0, 1, False)
+        assert compact(own_database) == BatchResult(0, 2, False)
         assert compact(own_database) == BatchResult(0, 0, False)
-    assert [r.message for r in caplog.records].count(
-        f"conversation {conversation_id}: its chunk rows do not make up its response; kept as rows"
-    ) == 1
+    messages = [r.message for r in caplog.records]
+    for kept in (conversation_id, edited):
+        warning = f"conversation {kept}: its chunk rows do not make up its response; kept as rows"
+        assert messages.count(warning) == 1
     assert stored_form(own_db, conversation_id) == (2, chunk_layout.KEPT_AS_ROWS)
+    assert stored_form(own_db, edited) == (2, chunk_layout.KEPT_AS_ROWS)
     assert replay(own_server, conversation_id) == [(1, "one "), (3, "three")]
 
 
