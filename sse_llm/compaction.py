@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # A batch reads at most about this many chunk rows (at least one conversation's, however
 # long): 200 conversations of 1,000 chunks would be 200,000 rows in memory at once.
 MAX_BATCH_CHUNKS = 50_000
+# Conversations a batch's walk of the chunks table may step over beyond its batch
+# (streaming ones, locked ones): a bound on one batch's statement.
+WALK_STEPS = 20_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class BatchResult:
     compacted: int
     kept: int
     more: bool = False  # the batch was full: more may be waiting
+    last: UUID | None = None  # where the next batch's walk starts (None, having found none:
+    # from the start again)
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,13 @@ class _Ended:
     created_at: datetime
 
 
-async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchResult:
-    """Fold up to `limit` ended conversations' chunk rows into their layout, in one transaction."""
+async def compact_batch(
+    pool: AsyncConnectionPool, limit: int = 200, after: UUID | None = None
+) -> BatchResult:
+    """Fold up to `limit` ended conversations' chunk rows into their layout, in one
+    transaction, walking from the conversation id `after` (None: from the first)."""
     async with pool.connection() as conn, conn.transaction():
-        ended, more = await _lock_ended(conn, limit)
+        ended, more = await _lock_ended(conn, limit, after)
         if not ended:
             return BatchResult(0, 0)
         # A new snapshot, taken once the locks are held: a conversation another
@@ -86,31 +94,39 @@ async def compact_batch(pool: AsyncConnectionPool, limit: int = 200) -> BatchRes
                 layout = chunk_layout.KEPT_AS_ROWS
             layouts[conversation.id] = layout
         await _write_layouts(conn, layouts)
-        return BatchResult(len(layouts) - kept, kept, more)
+        return BatchResult(len(layouts) - kept, kept, more, ended[-1].id)
 
 
-async def _lock_ended(conn: AsyncConnection, limit: int) -> tuple[list[_Ended], bool]:
-    """Lock the next ended, uncompacted conversations no other transaction has locked;
-    and whether more may be waiting."""
-    # Found from the chunks table (by its primary key, one conversation after another),
-    # which is small once compaction keeps up: no index over every conversation needed.
+async def _lock_ended(
+    conn: AsyncConnection, limit: int, after: UUID | None
+) -> tuple[list[_Ended], bool]:
+    """Lock the next ended, uncompacted conversations past `after` that no other
+    transaction has locked; and whether more may be waiting."""
+    # Found from the chunks table by a walk of its key, one conversation after another,
+    # from where this compactor's last batch ended (rows behind it were just deleted: a
+    # walk from the start would step over their index entries again and again until
+    # vacuum) and at most WALK_STEPS of them (streaming ones are walked over too). The
+    # table is small once compaction keeps up: no index over every conversation needed.
     cursor = await conn.execute(
         """
-        WITH RECURSIVE walk(id) AS (
-            (SELECT conversation_id FROM chunks ORDER BY conversation_id LIMIT 1)
+        WITH RECURSIVE walk(id, step) AS (
+            (SELECT conversation_id, 1 FROM chunks
+             WHERE %(after)s::uuid IS NULL OR conversation_id > %(after)s
+             ORDER BY conversation_id LIMIT 1)
             UNION ALL
             SELECT (SELECT k.conversation_id FROM chunks k WHERE k.conversation_id > w.id
-                    ORDER BY k.conversation_id LIMIT 1)
-            FROM walk w WHERE w.id IS NOT NULL
+                    ORDER BY k.conversation_id LIMIT 1), w.step + 1
+            FROM walk w WHERE w.id IS NOT NULL AND w.step < %(steps)s
         )
         SELECT c.id, c.response, c.chunk_count, c.created_at
         FROM walk JOIN conversations c ON c.id = walk.id
         WHERE c.status <> 'streaming'
           AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
+        ORDER BY c.id
         LIMIT %(limit)s
         FOR NO KEY UPDATE OF c SKIP LOCKED
         """,
-        {"limit": limit},
+        {"limit": limit, "after": after, "steps": limit + WALK_STEPS},
     )
     rows = await cursor.fetchall()
     ended: list[_Ended] = []
@@ -181,6 +197,7 @@ class Compactor:
         self._interval = interval
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
+        self._after: UUID | None = None
         self.compacted = 0  # conversations folded by this process since it started
 
     def start(self) -> None:
@@ -202,11 +219,12 @@ class Compactor:
             await asyncio.sleep(pause)
             began = loop.time()
             try:
-                result = await compact_batch(self._pool, self._batch)
+                result = await compact_batch(self._pool, self._batch, self._after)
             except Exception as exc:  # the database is away: the next batch retries
                 log.warning("compaction batch failed: %r", exc)
                 pause = self._interval
                 continue
             self.compacted += result.compacted
+            self._after = result.last
             # A full batch says there is more: go on soon, at most half the time busy.
             pause = min(self._interval, loop.time() - began) if result.more else self._interval

@@ -56,6 +56,10 @@ def compact(database_url: str, limit: int = 200) -> BatchResult:
     return result
 
 
+def counts(result: BatchResult) -> tuple[int, int, bool]:
+    return result.compacted, result.kept, result.more
+
+
 def compact_in_thread(
     database_url: str, limit: int = 200
 ) -> concurrent.futures.Future[BatchResult]:
@@ -156,7 +160,7 @@ def test_replay_and_resume_are_exact_before_and_after_compaction(
     timelines = {c: timeline(own_database, c) for c in texts}
     for (conversation_id, after), sent in before.items():
         assert sent == expected(texts[conversation_id], after)
-    assert compact(own_database) == BatchResult(2, 0, False)
+    assert counts(compact(own_database)) == (2, 0, False)
     for conversation_id in texts:
         rows, layout = stored_form(own_db, conversation_id)
         assert rows == 0 and layout is not None and layout != chunk_layout.KEPT_AS_ROWS
@@ -189,13 +193,19 @@ def test_chunks_that_do_not_make_up_the_response_are_kept_and_logged_once(
 ) -> None:
     conversation_id = create_ended(own_database, ["one ", "two ", "three"])
     own_db.execute("DELETE FROM chunks WHERE conversation_id = %s AND seq = 2", (conversation_id,))
+    edited = create_ended(own_database, ["same ", "count"])  # every row there, one changed
+    own_db.execute(
+        "UPDATE chunks SET text = 'other' WHERE conversation_id = %s AND seq = 2", (edited,)
+    )
     with caplog.at_level(logging.WARNING, logger="sse_llm.compaction"):
-        assert compact(own_database) == BatchResult(0, 1, False)
-        assert compact(own_database) == BatchResult(0, 0, False)
-    assert [r.message for r in caplog.records].count(
-        f"conversation {conversation_id}: its chunk rows do not make up its response; kept as rows"
-    ) == 1
+        assert counts(compact(own_database)) == (0, 2, False)
+        assert counts(compact(own_database)) == (0, 0, False)
+    messages = [r.message for r in caplog.records]
+    for kept in (conversation_id, edited):
+        warning = f"conversation {kept}: its chunk rows do not make up its response; kept as rows"
+        assert messages.count(warning) == 1
     assert stored_form(own_db, conversation_id) == (2, chunk_layout.KEPT_AS_ROWS)
+    assert stored_form(own_db, edited) == (2, chunk_layout.KEPT_AS_ROWS)
     assert replay(own_server, conversation_id) == [(1, "one "), (3, "three")]
 
 
@@ -353,3 +363,13 @@ def test_a_server_compacts_in_the_background(own_database: str, base_settings: S
         assert replay(running, UUID(conversation_id)) == sent
     finally:
         running.stop()
+
+
+def test_a_batch_walks_on_from_where_the_last_one_ended(
+    own_database: str, own_db: psycopg.Connection
+) -> None:
+    ids = sorted(create_ended(own_database, ["a", "b"]) for _ in range(3))
+    result = run_async(own_database, lambda pool: compact_batch(pool, 10, after=ids[0]))
+    assert isinstance(result, BatchResult) and result.compacted == 2 and result.last == ids[2]
+    assert stored_form(own_db, ids[0]) == (2, None)  # behind the cursor: left for the wrap
+    assert compact(own_database).compacted == 1
