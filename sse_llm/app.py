@@ -20,6 +20,7 @@ from sse_llm import (
     agreement_pages,
     api,
     dashboard,
+    export,
     openai_api,
     review_pages,
     review_queue,
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     app = Starlette(
         routes=[
             *api.routes,
+            *export.routes,
             *dashboard.routes,
             *access.routes,
             *openai_api.routes,
@@ -84,6 +86,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
         templates=create_templates(),
         lifecycle=Lifecycle(),
         migrate=migrate,
+        exports=asyncio.Semaphore(settings.max_exports),
     )
     return app
 

@@ -56,6 +56,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] | None = None
     log_format: str = "text"
     query_timeout: float = 5.0  # history lists, searches, counts: per statement
+    max_exports: int = 2  # GET /export downloads at once per process, each on its own connection
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -88,6 +89,7 @@ class Settings:
             allowed_hosts=parse_allowed_hosts(env.get("SSE_LLM_ALLOWED_HOSTS")),
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
             query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
+            max_exports=_read(env, "SSE_LLM_MAX_EXPORTS", int, 2),
         )
         settings.validate()
         return settings
@@ -119,6 +121,7 @@ class Settings:
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
             "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
             "SSE_LLM_LEASE_INTERVAL": self.lease_interval,
+            "SSE_LLM_MAX_EXPORTS": self.max_exports,
         }
         for name, value in positive.items():
             if value <= 0:
