@@ -15,17 +15,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
 import psycopg
 import pytest
+from playwright.sync_api import Browser, expect
 from psycopg.types.json import Jsonb
 
 from sse_llm.config import Settings
 from sse_llm.export import CSV_COLUMNS
 from sse_llm.export_queries import APPLICATION_NAME, EXPORT_PAGE_ROWS
+from tests.browser import BrowserPage
 from tests.conftest import RunningServer, start_server, word
 from tests.support import wait_until
 
@@ -491,3 +494,37 @@ def test_access_rules_are_the_historys(base_settings: Settings) -> None:
 
 def test_an_unknown_before_exports_nothing(client: httpx.Client) -> None:
     assert export(client, before=str(UUID(int=0))).text == ""
+
+
+@pytest.mark.browser
+def test_the_history_pages_links_download_the_current_filter_in_each_format(
+    tab: BrowserPage, browser: Browser, demo_server: RunningServer, exported: Exported
+) -> None:
+    page = tab.page
+    # A keyset page of the filtered history: the links download the whole filter.
+    page.goto(f"{demo_server.url}/?model={exported.model}&before={exported.ids[4]}")
+    expect(page.locator(".conversation")).to_have_count(4)
+    links = page.get_by_role("navigation", name="Download the filtered history")
+    with httpx.Client(base_url=demo_server.url) as client:
+        for name, chosen in (("JSONL", "jsonl"), ("CSV", "csv"), ("OpenAI JSONL", "openai")):
+            with page.expect_download() as started:
+                links.get_by_role("link", name=name, exact=True).click()
+            download = started.value
+            assert download.failure() is None
+            assert re.fullmatch(
+                r"sse-llm-history-\d{8}T\d{6}Z[-a-z.]+", download.suggested_filename
+            )
+            content = Path(download.path()).read_bytes()
+            # The same bytes as the API's export of the whole filter.
+            assert content == export(client, model=exported.model, format=chosen).content
+    assert tab.csp_violations() == []
+    # Plain links: without JavaScript too.
+    context = browser.new_context(java_script_enabled=False, accept_downloads=True)
+    try:
+        quiet = context.new_page()
+        quiet.goto(f"{demo_server.url}/?model={exported.model}")
+        with quiet.expect_download() as started:
+            quiet.get_by_role("link", name="CSV", exact=True).click()
+        assert Path(started.value.path()).read_text().startswith(",".join(CSV_COLUMNS))
+    finally:
+        context.close()
