@@ -409,6 +409,34 @@ def test_a_client_that_leaves_stops_the_export_and_its_connection_closes(
     wait_until(lambda: export_backends(db) == [], 10, 0.05, "the export's connection stayed")
 
 
+def test_a_failure_after_the_first_page_cuts_the_download_short(
+    demo_server: RunningServer, db: psycopg.Connection, many: tuple[str, list[str]]
+) -> None:
+    """The status is out already: the body ends without its last chunk, an error for
+    every HTTP client, never a file that looks whole."""
+    model, ids = many
+    with (
+        httpx.Client(base_url=demo_server.url, timeout=30) as client,
+        client.stream("GET", "/export", params={"model": model}) as response,
+    ):
+        body = response.iter_bytes()
+        received = [next(body)]
+        wait_until(lambda: stalled(db), 30, 0.05, "the export did not wait for its client")
+        # The database ends the export's session between two pages.
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            [APPLICATION_NAME],
+        )
+        with pytest.raises(httpx.RemoteProtocolError):
+            received.extend(body)
+    assert len(b"".join(received).splitlines()) < len(ids)
+    wait_for_no_export(db)
+
+
+def wait_for_no_export(db: psycopg.Connection) -> None:
+    wait_until(lambda: export_backends(db) == [], 10, 0.05, "the export's connection stayed")
+
+
 @pytest.fixture
 def one_export_server(base_settings: Settings) -> Iterator[RunningServer]:
     running = start_server(base_settings.with_changes(max_exports=1))
