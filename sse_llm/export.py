@@ -231,6 +231,13 @@ async def export(request: Request) -> Response:
     """GET /export: every conversation the history filters choose, as a download (SPEC 10)."""
     chosen = parse_format(request)
     history_filter = exported_filter(request, chosen)
+    headers = {
+        "Content-Disposition": content_disposition(export_filename(chosen, datetime.now(UTC))),
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if request.method == "HEAD":  # the headers only: no slot, no connection, no pages
+        return Response(media_type=_MEDIA_TYPES[chosen], headers=headers)
     service = service_of(request)
     slots = service.exports
     if slots.locked():
@@ -256,16 +263,11 @@ async def export(request: Request) -> Response:
         await _release(conn, slots)
         raise
     header = csv_rows([CSV_COLUMNS]) if chosen == ExportFormat.CSV else ""
-    filename = export_filename(chosen, datetime.now(UTC))
     return ExportResponse(
         _body(header, first, pages, _WRITERS[chosen]),
         lambda: _release(conn, slots),
         media_type=_MEDIA_TYPES[chosen],
-        headers={
-            "Content-Disposition": content_disposition(filename),
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-        },
+        headers=headers,
     )
 
 

@@ -303,6 +303,10 @@ def test_the_download_is_an_attachment_named_in_ascii_and_rfc_5987(
         stamp = datetime.strptime(match[1][16:32], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         assert abs(stamp - datetime.now(UTC)) < timedelta(minutes=1)
         assert response.headers["cache-control"] == "no-store"
+    # HEAD: the same headers, no body, and no export run for nothing.
+    head = client.head("/export", params={"format": "csv"})
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-disposition"].startswith("attachment; filename=")
 
 
 @pytest.mark.parametrize(
