@@ -21,6 +21,7 @@ from sse_llm import (
     api,
     dashboard,
     deliveries,
+    export,
     openai_api,
     review_pages,
     review_queue,
@@ -62,6 +63,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
         routes=[
             *api.routes,
             *deliveries.routes,
+            *export.routes,
             *dashboard.routes,
             *access.routes,
             *openai_api.routes,
@@ -89,6 +91,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
         templates=create_templates(),
         lifecycle=Lifecycle(),
         migrate=migrate,
+        exports=asyncio.Semaphore(settings.max_exports),
     )
     return app
 

@@ -59,6 +59,7 @@ class Settings:
     # Folding ended conversations' chunk rows into their compact form (compaction.py).
     compaction_interval: float = 5.0  # seconds between batches; 0: no compaction here
     compaction_batch: int = 200  # conversations per batch (one transaction)
+    max_exports: int = 2  # GET /export downloads at once per process, each on its own connection
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +94,7 @@ class Settings:
             query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
             compaction_interval=_read(env, "SSE_LLM_COMPACTION_INTERVAL", float, 5.0),
             compaction_batch=_read(env, "SSE_LLM_COMPACTION_BATCH", int, 200),
+            max_exports=_read(env, "SSE_LLM_MAX_EXPORTS", int, 2),
         )
         settings.validate()
         return settings
@@ -125,6 +127,7 @@ class Settings:
             "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
             "SSE_LLM_LEASE_INTERVAL": self.lease_interval,
             "SSE_LLM_COMPACTION_BATCH": self.compaction_batch,
+            "SSE_LLM_MAX_EXPORTS": self.max_exports,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -58,6 +58,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     SHUTTING_DOWN = "shutting_down"
     TOO_MANY_STREAMS = "too_many_streams"
+    TOO_MANY_EXPORTS = "too_many_exports"
     INTERNAL_ERROR = "internal_error"
     # A stream's end (also stored in the conversation's row).
     UPSTREAM_TIMEOUT = "upstream_timeout"

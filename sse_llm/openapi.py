@@ -279,6 +279,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/agreement": _AGREEMENT_PATH,
         "/stats": _STATS_PATH,
+        "/export": _EXPORT_PATH,
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streamed or not",
@@ -995,6 +996,42 @@ _AGREEMENT_PATH = {
             "401": _error("The API key is missing or wrong."),
             "422": _error("A filter or a reviewer name is invalid."),
             "503": _UNAVAILABLE,
+        },
+    }
+}
+
+_EXPORT_PATH = {
+    "get": {
+        "summary": "Download every conversation the history filters choose (SPEC 10)",
+        "description": "Streamed as an attachment, newest first. `jsonl`: one conversation per "
+        "line with its full reviews and annotations; `csv`: one row per conversation, nested "
+        "values as JSON text, formula starts escaped; `openai`: completed conversations as "
+        '`{"messages": [...]}` lines. `limit` and `offset` are ignored.',
+        "parameters": [
+            _query("format", {"enum": ["jsonl", "csv", "openai", ""]}, "Default `jsonl`."),
+            _query(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL},
+                'Web search syntax: words, "phrases", -excluded, or.',
+            ),
+            _query("status", {"enum": [*Status, ""]}, "Only this status; empty means any."),
+            *_HISTORY_FILTERS,
+        ],
+        "responses": {
+            "200": {
+                "description": "The download (Content-Disposition: attachment, RFC 5987).",
+                "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                    "text/csv": {"schema": {"type": "string"}},
+                },
+            },
+            "401": _error("The API key is missing or wrong."),
+            "422": _error("A parameter is unknown or out of range; the message names it."),
+            "429": _error("SSE_LLM_MAX_EXPORTS exports are running already; see Retry-After."),
+            "503": _error(
+                "The database is unavailable, or the first page ran past SSE_LLM_QUERY_TIMEOUT "
+                "(`query_timeout`)."
+            ),
         },
     }
 }

@@ -6,6 +6,7 @@ attributes: a renamed or missing part is a type error, not an AttributeError at 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import cast
 
@@ -42,6 +43,7 @@ class Base:
     templates: Jinja2Templates  # compiled once, for every page
     lifecycle: Lifecycle
     migrate: bool  # apply pending migrations at startup
+    exports: asyncio.Semaphore  # one slot per GET /export running (settings.max_exports)
 
 
 @dataclass(frozen=True)
