@@ -214,7 +214,7 @@ def _number(mapping: Any, key: str) -> float | None:
     if not isinstance(mapping, dict):
         return None
     value = mapping.get(key)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _status_panel(buckets: _Buckets, totals: dict[str, Any]) -> Panel:
