@@ -308,3 +308,17 @@ def test_an_empty_slice_says_so_and_a_sample_says_it_is_an_estimate(
     expect(page.locator("#insights-estimate")).to_have_count(1 if stats["estimate"] else 0)
     if stats["estimate"]:
         expect(page.locator("figcaption .insights-estimate-tag").first).to_be_visible()
+
+
+def test_at_phone_width_nothing_scrolls_sideways(
+    browser: Browser, demo_server: RunningServer, seeded: Slice
+) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 800})
+    page = context.new_page()
+    page.goto(f"{demo_server.url}/insights?model={seeded.model}")
+    expect(page.locator("#insights-total")).to_have_text(str(len(HISTORY)))
+    # The wide tables scroll inside their own region, never the page.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    chart = page.locator("#chart-conversations svg").bounding_box()
+    assert chart is not None and chart["width"] <= 375
+    context.close()
