@@ -69,6 +69,10 @@ Cancels. A cancel is recorded in its row (`cancel_requested_at`) and notified; e
 check also looks for the cancels of streams this process runs (an indexed query), as
 does the broadcast listener after it reconnects, so a missed notification delays a
 cancel by at most one interval.
+
+Retention. With SSE_LLM_RETENTION_DAYS set, a check starts a prune every PRUNE_SECONDS
+as a task of the lease's (retention.py): its lock lets one process of all prune at a
+time, the others skip their turn; release() cancels it.
 """
 
 from __future__ import annotations

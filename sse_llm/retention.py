@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
 from sse_llm.contract import Status
@@ -190,23 +190,21 @@ async def prune_batch(
         )
         # Oldest first along conversations_newest_idx (read backwards), from where the
         # last batch stopped; `'streaming'` literal, as store.py spells it.
-        cursor = await conn.execute(
-            """
+        statement = sql.SQL("""
             SELECT c.id, c.created_at FROM conversations c
             WHERE c.created_at < %(cutoff)s
               AND (c.created_at, c.id) > (%(after_at)s, %(after_id)s)
-              AND c.status <> 'streaming'
-              AND (%(include_reviewed)s
-                   OR NOT EXISTS (SELECT 1 FROM reviews r WHERE r.conversation_id = c.id))
+              AND c.status <> 'streaming' {unreviewed}
             ORDER BY c.created_at, c.id
             LIMIT %(limit)s
             FOR UPDATE OF c SKIP LOCKED
-            """,
+        """).format(unreviewed=_unreviewed(include_reviewed))
+        cursor = await conn.execute(
+            statement,
             {
                 "cutoff": cutoff,
                 "after_at": after[0] if after else _BEGINNING,
                 "after_id": after[1] if after else UUID(int=0),
-                "include_reviewed": include_reviewed,
                 "limit": limit,
             },
         )
@@ -220,13 +218,10 @@ async def prune_batch(
 async def _delete(conn: AsyncConnection, ids: list[UUID], include_reviewed: bool) -> list[UUID]:
     """Delete the locked conversations that still qualify, with what is attached to them."""
     # A new snapshot: a review committed since the rows were chosen is seen here.
-    cursor = await conn.execute(
-        """
+    statement = sql.SQL("""
         WITH removed AS (
             DELETE FROM conversations c
-            WHERE c.id = ANY(%(ids)s) AND c.status <> 'streaming'
-              AND (%(include_reviewed)s
-                   OR NOT EXISTS (SELECT 1 FROM reviews r WHERE r.conversation_id = c.id))
+            WHERE c.id = ANY(%(ids)s) AND c.status <> 'streaming' {unreviewed}
             RETURNING c.id, c.created_at, c.model, c.provider, c.status
         ), counted AS (
             INSERT INTO pruned_counts AS p (bucket, model, provider, status, conversations)
@@ -236,9 +231,8 @@ async def _delete(conn: AsyncConnection, ids: list[UUID], include_reviewed: bool
             DO UPDATE SET conversations = p.conversations + excluded.conversations
         )
         SELECT id FROM removed
-        """,
-        {"ids": ids, "include_reviewed": include_reviewed},
-    )
+    """).format(unreviewed=_unreviewed(include_reviewed))
+    cursor = await conn.execute(statement, {"ids": ids})
     deleted = [row[0] for row in await cursor.fetchall()]
     if deleted:
         # By key, the ids as an array: each an index lookup (chunks' primary key,
@@ -255,6 +249,17 @@ async def _delete(conn: AsyncConnection, ids: list[UUID], include_reviewed: bool
             {"ids": deleted},
         )
     return deleted
+
+
+def _unreviewed(include_reviewed: bool) -> sql.Composable:
+    """The condition that spares reviewed conversations, unless they go too.
+
+    Left out rather than `%s OR NOT EXISTS`: with the OR, PostgreSQL reads every review
+    into a hash per statement (90-250 ms a batch at 100,000 reviews, EXPLAIN ANALYZE);
+    alone, NOT EXISTS is an anti-join along the reviews' primary key."""
+    if include_reviewed:
+        return sql.SQL("")
+    return sql.SQL("AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.conversation_id = c.id)")
 
 
 async def prune_in_background(database_url: str, older_than_days: float) -> None:
