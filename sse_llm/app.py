@@ -24,6 +24,7 @@ from sse_llm import (
     review_pages,
     review_queue,
     reviews_api,
+    stats_api,
 )
 from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             *review_pages.routes,
             *review_queue.routes,
             *agreement_pages.routes,
+            *stats_api.routes,
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
         ],

@@ -533,7 +533,7 @@ async def _settle(
 
 
 async def fold_counts(pool: AsyncConnectionPool) -> int:
-    """Merge the counts' per-process rows of past hours into writer 0; return rows moved.
+    """Merge the rollups' per-process rows into writer 0; return rows moved.
 
     Keeps the counts table about as small as hours x models x statuses however many
     processes ran. One process folds at a time (the others skip); a stream that ends
@@ -563,7 +563,12 @@ async def fold_counts(pool: AsyncConnectionPool) -> int:
             """,
             {"no_writer": NO_WRITER},
         )
-        return cursor.rowcount
+        moved = cursor.rowcount
+        # The /stats rollups (migration 0013): past hours' rows into writer 0 and the
+        # daily table; the review counts' per-backend rows into writer 0.
+        cursor = await conn.execute("SELECT fold_conversation_stats() + fold_review_counts()")
+        row = await cursor.fetchone()
+        return moved + (int(row[0]) if row else 0)
 
 
 async def cancel_requested(pool: AsyncConnectionPool, owner_id: UUID) -> list[UUID]:
