@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
+import httpx
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -388,25 +389,36 @@ def test_pruning_keeps_the_rollups_and_the_history_counts_match_the_table(
     if not rollups_honour_keep_rollups(conn):
         pytest.skip("the rollups' delete triggers do not honour sse_llm.keep_rollups yet")
     model = f"kept-{word()}"
+    reviewed = add(conn, 38, "completed", model)
+    review(conn, reviewed)
     for days, status in [(40, "completed"), (40, "failed"), (35, "completed"), (2, "completed")]:
         add(conn, days, status, model)
+    server = spawn_server(own_database)
+    try:
 
-    def rollup() -> dict[str, int]:
-        rows = conn.execute(
-            """
-            SELECT status, sum(conversations)::int FROM conversation_counts WHERE model = %s
-            GROUP BY status HAVING sum(conversations) <> 0
-            """,
-            (model,),
-        ).fetchall()
-        return dict(rows)
+        def stats() -> dict[str, Any]:
+            query = {"bucket": "day", "model": model}
+            totals: dict[str, Any] = httpx.get(f"{server.url}/stats", params=query).json()["totals"]
+            return totals
 
-    before = rollup()
-    assert run_cli("prune", "--older-than", "30", DATABASE_URL=own_database).returncode == 0
-    # The pruned periods keep their figures (/stats reads them) ...
-    assert rollup() == before == {"completed": 3, "failed": 1}
+        before = stats()
+        result = run_cli(
+            "prune", "--older-than", "30", "--include-reviewed", DATABASE_URL=own_database
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("deleted 4 conversations")
+        # The pruned periods keep their figures in /stats (the days of 35-40 days ago are
+        # inside its default 90 days), reviews included ...
+        after = stats()
+        assert after == before
+        by_status = {status: n for status, n in after["by_status"].items() if n}
+        assert (after["conversations"], by_status) == (5, {"completed": 4, "failed": 1})
+        assert after["reviews"]["reviewed"] == 1
+        page = httpx.get(f"{server.url}/")
+    finally:
+        server.stop()
 
-    # ... and the history page's counts say what it can list.
+    # ... and the history page's counts say what it can list: only the young one is left.
     async def history_counts() -> dict[str, int]:
         async with AsyncConnectionPool(own_database, kwargs={"autocommit": True}) as pool:
             return {c.status: c.count for c in await history_queries.count_by_status(pool)}
@@ -415,6 +427,7 @@ def test_pruning_keeps_the_rollups_and_the_history_counts_match_the_table(
         conn.execute("SELECT status, count(*)::int FROM conversations GROUP BY 1").fetchall()
     )
     assert run(history_counts) == table == {"completed": 1}
+    assert page.status_code == 200
 
 
 def test_store_namespaces_do_not_clash_with_the_pruners() -> None:
