@@ -49,8 +49,12 @@ def start(command: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
         )
 
 
-def load_run(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
-    """One load.py run; its JSON summary."""
+def load_run(
+    url: str, concurrency: int, seconds: float, server: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """One load.py run; its JSON summary. Raises if the server is gone (a stray signal)."""
+    if server.poll() is not None:
+        raise RuntimeError(f"sse-llm exited with {server.returncode}: see its log")
     result = subprocess.run(
         [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency),
          "-s", str(concurrency * 10_000), "--max-seconds", str(seconds)],
@@ -179,7 +183,7 @@ def main() -> int:
             result["without_pruning"] = []
             for _ in range(args.runs):
                 result["without_pruning"].append(
-                    figures(load_run(url, args.concurrency, args.seconds))
+                    figures(load_run(url, args.concurrency, args.seconds, server))
                 )
                 print(result["without_pruning"][-1], flush=True)
             prune: dict[str, Any] = {}
@@ -187,7 +191,7 @@ def main() -> int:
             result["with_pruning"] = []
             while thread.is_alive():
                 result["with_pruning"].append(
-                    figures(load_run(url, args.concurrency, args.seconds))
+                    figures(load_run(url, args.concurrency, args.seconds, server))
                 )
                 print(result["with_pruning"][-1], flush=True)
             thread.join()
