@@ -129,7 +129,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         return [*generations.ids(), *writer.unsettled_ids()]
 
     lease = InstanceLease(
-        database_url, pool, unsettled, generations.cancel, settings.lease_interval
+        database_url,
+        pool,
+        unsettled,
+        generations.cancel,
+        settings.lease_interval,
+        retention_days=settings.retention_days,
     )
     await lease.start()
     # Started once the instance id is final: the writer's chunks and ends are fenced by it.

@@ -60,6 +60,7 @@ class Settings:
     compaction_interval: float = 5.0  # seconds between batches; 0: no compaction here
     compaction_batch: int = 200  # conversations per batch (one transaction)
     max_exports: int = 2  # GET /export downloads at once per process, each on its own connection
+    retention_days: float | None = None  # None: keep every conversation (see retention.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +96,7 @@ class Settings:
             compaction_interval=_read(env, "SSE_LLM_COMPACTION_INTERVAL", float, 5.0),
             compaction_batch=_read(env, "SSE_LLM_COMPACTION_BATCH", int, 200),
             max_exports=_read(env, "SSE_LLM_MAX_EXPORTS", int, 2),
+            retention_days=_read(env, "SSE_LLM_RETENTION_DAYS", parse_days, None),
         )
         settings.validate()
         return settings
@@ -146,8 +148,24 @@ class Settings:
             raise ConfigError(f"SSE_LLM_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
+        if self.retention_days is not None:
+            check_days("SSE_LLM_RETENTION_DAYS", self.retention_days)
         if not 0 < self.port < 65536:
             raise ConfigError(f"SSE_LLM_PORT must be between 1 and 65535, not {self.port}")
+
+
+def parse_days(text: str) -> float:
+    """`"30"`, `"0.5"` → a number of days (fractions allowed), for SSE_LLM_RETENTION_DAYS
+    and `sse-llm prune --older-than`."""
+    return float(text)
+
+
+def check_days(name: str, days: float) -> None:
+    """Raise ConfigError unless `days` is a finite number of days greater than 0."""
+    if not math.isfinite(days) or days <= 0:
+        raise ConfigError(
+            f"{name} must be a number of days greater than 0 (fractions allowed), not {days}"
+        )
 
 
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -205,4 +223,6 @@ def _read(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: 
 def _describe(kind: Callable[..., object]) -> str:
     if kind is int:
         return "a whole number"
+    if kind is parse_days:
+        return "a number of days (fractions allowed)"
     return "a number" if kind is float else "text"

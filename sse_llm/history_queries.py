@@ -149,10 +149,15 @@ async def count_by_status(pool: AsyncConnectionPool) -> list[StatusCount]:
     """How many conversations there are of each status present.
 
     Summed from the counts the writer keeps by hour (migration 0010, store.py): the cost
-    grows with the hours and models of the history, not its conversations.
+    grows with the hours and models of the history, not its conversations. Pruned ones
+    are taken away (the rollup keeps them for /stats; migration 0016, retention.py).
     """
     query = """
-        SELECT status, sum(conversations)::bigint AS count FROM conversation_counts
+        SELECT status, sum(conversations)::bigint AS count FROM (
+            SELECT status, conversations FROM conversation_counts
+            UNION ALL
+            SELECT status, -conversations FROM pruned_counts
+        ) AS counts
         GROUP BY status HAVING sum(conversations) <> 0
     """
     async with pool.connection() as conn:

@@ -69,6 +69,10 @@ Cancels. A cancel is recorded in its row (`cancel_requested_at`) and notified; e
 check also looks for the cancels of streams this process runs (an indexed query), as
 does the broadcast listener after it reconnects, so a missed notification delays a
 cancel by at most one interval.
+
+Retention. With SSE_LLM_RETENTION_DAYS set, a check starts a prune every PRUNE_SECONDS
+as a task of the lease's (retention.py): its lock lets one process of all prune at a
+time, the others skip their turn; release() cancels it.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import store
+from sse_llm import retention, store
 from sse_llm.database import connection_options
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,8 @@ log = logging.getLogger(__name__)
 NEW_STREAM_SECONDS = 60
 # How often a process folds the history counts of past hours (store.fold_counts).
 FOLD_SECONDS = 300
+# How often a process with SSE_LLM_RETENTION_DAYS set tries to prune (one wins the lock).
+PRUNE_SECONDS = 300
 
 
 class InstanceLease:
@@ -103,6 +109,7 @@ class InstanceLease:
         running_ids: Callable[[], list[UUID]],
         cancel: Callable[[UUID], None] = lambda _: None,
         interval: float = 5.0,
+        retention_days: float | None = None,
     ) -> None:
         self.instance_id = uuid4()
         self.holds_lock = False
@@ -119,6 +126,9 @@ class InstanceLease:
         self._server_seen_since = 0.0
         self._task: asyncio.Task[None] | None = None
         self._folded_at = float("-inf")
+        self._retention_days = retention_days
+        self._pruner: asyncio.Task[None] | None = None
+        self._pruned_at = float("-inf")
 
     async def start(self) -> None:
         """Take the instance lock, recover what dead processes left, start checking."""
@@ -132,6 +142,9 @@ class InstanceLease:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._pruner is not None:  # its transaction rolls back with its connection
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
         try:
             async with asyncio.timeout(self._timeout):
                 await store.interrupt_conversations(self._pool, owner_id=self.instance_id)
@@ -156,6 +169,7 @@ class InstanceLease:
                     await self._recover()
                     await self._settle_own()
                     await self._fold_counts()
+                    self._start_pruner()
         except Exception as exc:
             log.warning("lease check failed: %r", exc)
 
@@ -165,6 +179,20 @@ class InstanceLease:
         if now - self._folded_at >= FOLD_SECONDS:
             self._folded_at = now
             await store.fold_counts(self._pool)
+
+    def _start_pruner(self) -> None:
+        """Now and then, with retention set, prune in the background (retention.py).
+
+        A task of its own, owned here: a run can take minutes, the check must not wait."""
+        if self._retention_days is None or (self._pruner and not self._pruner.done()):
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._pruned_at >= PRUNE_SECONDS:
+            self._pruned_at = now
+            self._pruner = asyncio.create_task(
+                retention.prune_in_background(self._database_url, self._retention_days),
+                name="pruner",
+            )
 
     async def apply_cancels(self) -> None:
         """Stop the streams this process runs whose cancel is recorded (its notice may be lost)."""
