@@ -1,0 +1,81 @@
+"""benchmarks/seed_conversations.py: the seeded history looks like production for issue
+15's figures, and the load rebuilds every index of the live schema (later migrations'
+included), each with its exact definition."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from seed_conversations import DiskGuard, seed
+
+INDEXES = """
+    SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+    FROM pg_index i WHERE i.indrelid = ANY('{conversations,deliveries}'::regclass[])
+"""
+
+
+def test_the_seed_rebuilds_every_index_of_the_live_schema(own_database: str) -> None:
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        # As a later migration would add them (0013-0015 do).
+        conn.execute("CREATE INDEX later_conversations_idx ON conversations (model, status)")
+        conn.execute(
+            "CREATE INDEX later_deliveries_idx ON deliveries (ended) WHERE ended IS NOT NULL"
+        )
+        before = set(conn.execute(INDEXES).fetchall())
+    seeded = seed(own_database, 2_000, jobs=2, guard=DiskGuard(None, 0))
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        after = set(conn.execute(INDEXES).fetchall())
+    assert after == before
+    assert {"later_conversations_idx", "later_deliveries_idx"} <= set(seeded["indexes_rebuilt"])
+    assert seeded["rows_seeded"] == 2_000
+
+
+def test_the_seeded_history_has_production_s_mix(own_database: str) -> None:
+    count = 20_000
+    seed(own_database, count, jobs=2, guard=DiskGuard(None, 0))
+    with psycopg.connect(own_database, autocommit=True) as conn:
+
+        def share(condition: str) -> float:
+            row = conn.execute(f"SELECT avg(({condition})::int) FROM conversations").fetchone()
+            assert row is not None
+            return float(row[0])
+
+        assert 0.89 < share("status = 'completed'") < 0.93
+        codes = dict(conn.execute("SELECT error_code, count(*) FROM conversations"
+                                  " WHERE status = 'failed' GROUP BY 1").fetchall())  # fmt: skip
+        assert set(codes) == {"upstream_timeout", "upstream_error", "storage_unavailable"}
+        assert share("status = 'cancelled' AND error_code = 'cancelled'") > 0.015
+        assert share("status = 'interrupted' AND error_code = 'interrupted'") > 0.008
+        ttfc = conn.execute(
+            "SELECT min(ms), percentile_disc(0.5) WITHIN GROUP (ORDER BY ms), max(ms) FROM ("
+            " SELECT extract(epoch FROM first_chunk_at - created_at) * 1000 AS ms"
+            " FROM conversations WHERE first_chunk_at IS NOT NULL) AS t"
+        ).fetchone()
+        assert ttfc is not None
+        assert ttfc[0] > 149 and 350 < ttfc[1] < 550 and 2000 < ttfc[2] <= 3001
+        assert share("completed_at > coalesce(first_chunk_at, created_at)") == 1
+        assert share("first_chunk_at IS NULL") > 0.003  # timeouts before any chunk
+        assert 0.08 < share("tokens_estimated") < 0.14
+        assert share("completion_tokens >= chunk_count AND prompt_tokens > 0") == 1
+        providers = conn.execute("SELECT count(DISTINCT provider) FROM conversations").fetchone()
+        assert providers == (2,)
+        # Every conversation has its first connection; ~3% were never sent the final event.
+        assert (
+            share("EXISTS (SELECT FROM deliveries d WHERE d.conversation_id = conversations.id)")
+            == 1
+        )
+        incomplete = share(
+            "NOT EXISTS (SELECT FROM deliveries d WHERE d.conversation_id = conversations.id"
+            " AND d.ended IN ('done', 'error'))"
+        )
+        assert 0.015 < incomplete < 0.06
+        left = conn.execute(
+            "SELECT count(*) FILTER (WHERE last_seq >= c.chunk_count) FROM deliveries d"
+            " JOIN conversations c ON c.id = d.conversation_id"
+            " WHERE d.ended = 'client_left' AND d.via <> 'attach'"
+        ).fetchone()
+        assert left == (0,), "a client that left was sent fewer chunks than the answer has"
