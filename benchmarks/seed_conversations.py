@@ -297,6 +297,31 @@ def rebuild_indexes(database_url: str, indexes: list[tuple[str, str, int]], jobs
             future.result()
 
 
+# Migration 0014 (deliveries) flags, in `conversations.delivery_cut`, the ended
+# conversations no connection was sent the end of; the writer keeps it, so seeded rows
+# (and rows seeded before 0014) get it here, from their deliveries.
+MARK_CUTS_SQL = """
+    UPDATE conversations c SET delivery_cut = true
+    WHERE c.status <> 'streaming' AND NOT c.delivery_cut
+      AND EXISTS (SELECT FROM deliveries d WHERE d.conversation_id = c.id
+                  AND d.ended IN ('client_left', 'dropped', 'lost'))
+      AND NOT EXISTS (SELECT FROM deliveries d WHERE d.conversation_id = c.id
+                      AND d.ended IN ('done', 'error'))
+"""
+
+
+def mark_delivery_cuts(database_url: str) -> int | None:
+    """Set `delivery_cut` from the deliveries where the schema has it; rows marked."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        has = conn.execute(
+            "SELECT FROM information_schema.columns"
+            " WHERE table_name = 'conversations' AND column_name = 'delivery_cut'"
+        ).fetchone()
+        if has is None:
+            return None  # a schema before migration 0014
+        return conn.execute(MARK_CUTS_SQL).rowcount
+
+
 def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
     """Bytes on disk per table of the schema: heap, TOAST, indexes, and its row estimate."""
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from seed_conversations import DiskGuard, seed, table_sizes, vocabulary
+from seed_conversations import DiskGuard, mark_delivery_cuts, seed, table_sizes, vocabulary
 from seed_reviews import rebuild_counts, seed_reviews
 
 HERE = Path(__file__).resolve().parent
@@ -246,6 +246,8 @@ def main() -> int:
             seeded = seed(database_url, args.count, args.jobs, guard)
             with psycopg.connect(database_url, autocommit=True) as conn:
                 rebuild_counts(conn)
+        # Also on an existing history: one seeded before migration 0014 has no flag yet.
+        seeded["delivery_cuts_marked"] = mark_delivery_cuts(database_url)
         reviews = args.reviews
         if reviews is None:
             reviews = 0 if args.no_seed else args.count // 10

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from seed_conversations import DiskGuard, seed
+from seed_conversations import DiskGuard, mark_delivery_cuts, seed
 
 INDEXES = """
     SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
@@ -79,3 +79,23 @@ def test_the_seeded_history_has_production_s_mix(own_database: str) -> None:
             " WHERE d.ended = 'client_left' AND d.via <> 'attach'"
         ).fetchone()
         assert left == (0,), "a client that left was sent fewer chunks than the answer has"
+
+
+def test_delivery_cuts_are_marked_from_the_deliveries(own_database: str) -> None:
+    # The flag of migration 0014, as it adds it (a no-op once 0014 is merged).
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE conversations"
+            " ADD COLUMN IF NOT EXISTS delivery_cut boolean NOT NULL DEFAULT false"
+        )
+    seed(own_database, 5_000, jobs=1, guard=DiskGuard(None, 0))
+    marked = mark_delivery_cuts(own_database)
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        cut = conn.execute(
+            "SELECT count(*) FROM conversations c WHERE NOT EXISTS (SELECT FROM deliveries d"
+            " WHERE d.conversation_id = c.id AND d.ended IN ('done', 'error'))"
+        ).fetchone()
+        flagged = conn.execute("SELECT count(*) FROM conversations WHERE delivery_cut").fetchone()
+    assert cut is not None and 50 < cut[0] < 300  # ~3% of 5,000
+    assert flagged == cut and marked == cut[0]
+    assert mark_delivery_cuts(own_database) == 0  # only once
