@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import random
 import sys
@@ -35,7 +36,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
-from reviewer_mix import Run, Seeded, api_next, filters, page_next, probe_filters, qs, seeded, walk
+from reviewer_mix import (
+    Run,
+    Sample,
+    Seeded,
+    api_next,
+    filters,
+    page_next,
+    probe_filters,
+    qs,
+    seeded,
+    walk,
+)
 from reviewer_pages import RESULTS, markdown, read_log, report, server
 
 HERE = Path(__file__).resolve().parent
@@ -186,7 +198,16 @@ def all_jobs(
             return
 
         def send() -> None:
-            run.get(kind, path)
+            for attempt in range(2):
+                try:
+                    run.get(kind, path)
+                    return
+                except (OSError, http.client.HTTPException) as exc:
+                    # A server closes a keep-alive connection after a 500: once more, on a
+                    # new one; a second failure counts as an error of this kind.
+                    if attempt:
+                        run.samples.append(Sample(kind, path, "", 0.0, 599))
+                        run.notes.append(f"{kind}: GET {path} failed: {type(exc).__name__}")
 
         todo.append(send)
 
@@ -233,7 +254,10 @@ def main() -> int:
             run.get("probe", "/history")
         rng.shuffle(todo)
         for job in todo:
-            job()
+            try:
+                job()
+            except (OSError, http.client.HTTPException) as exc:  # a walk's page: noted
+                run.notes.append(f"a walk stopped: {type(exc).__name__}")
         time.sleep(0.5)  # the last lines reach the log
     read_log(log_path, run.samples)
     result = report(run, started, checkout, args.seed)
