@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from seed_conversations import DiskGuard, mark_delivery_cuts, seed, table_sizes, vocabulary
 from seed_reviews import rebuild_counts, seed_reviews
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.append(str(REPO))  # the project root: tests.support
+from sse_llm.history_filters import SEARCH_VECTOR  # noqa: E402
 from tests.support import free_port, wait_until  # noqa: E402
 
 NOT_STARTED = "sse-llm did not start; see results/history-server.log"
@@ -88,8 +90,10 @@ def match_counts(database_url: str, words: list[str]) -> dict[str, int]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         for word in [words[rank] for _, rank in SEARCHED]:
             row = conn.execute(
-                "SELECT count(*) FROM conversations"
-                " WHERE search @@ websearch_to_tsquery('english', %s)",
+                sql.SQL(
+                    "SELECT count(*) FROM conversations c"
+                    " WHERE {vector} @@ websearch_to_tsquery('english', %s)"
+                ).format(vector=SEARCH_VECTOR),
                 (word,),
             ).fetchone()
             counts[word] = row[0] if row else 0

@@ -7,7 +7,9 @@ so a client on the same machine computes delivery latency as its receive time mi
 emission time written in the text, with no clock games.
 
 K, T and the padding come from the server flags, and a request can override them with
-words in its prompt: `k=50 t=50 pad=0` (any other words are ignored). `GET /stats`
+words in its prompt: `k=50 t=50 pad=0` (any other words are ignored). A request with
+`stream_options.include_usage` gets OpenAI's last event before `[DONE]`, `"choices": []`
+with the counts (a token per chunk, a prompt token per 4 characters). `GET /stats`
 (`/stats?reset`) tells how many chunks it sent and how late its ticks ran, so a driver
 can check that the upstream itself kept pace. Written on raw
 asyncio protocols with hand-made JSON (no framework, no json.dumps per chunk) so that a
@@ -51,8 +53,11 @@ def _http_chunk(payload: bytes) -> bytes:
 class Stream:
     """One streamed answer on one connection; the server's ticker calls `tick` on time."""
 
-    def __init__(self, connection: UpstreamProtocol, k: int, interval: float, pad: int) -> None:
+    def __init__(
+        self, connection: UpstreamProtocol, k: int, interval: float, pad: int, usage: bytes
+    ) -> None:
         self.connection = connection
+        self.usage = usage  # the usage event's counts, or b"" if not asked
         self.k = k
         self.interval = interval
         self.pad = pad
@@ -85,7 +90,11 @@ class Stream:
             server.chunks += 1
             server.schedule(due + self.interval, self)
             return
-        last = b'data: %s{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n' % self.prefix
+        last = b'data: %s{},"finish_reason":"stop"}]}\n\n' % self.prefix
+        if self.usage:
+            head = self.prefix[: self.prefix.index(b'"choices"')]
+            last += b'data: %s"choices":[],"usage":%s}\n\n' % (head, self.usage)
+        last += b"data: [DONE]\n\n"
         connection.write(_http_chunk(last) + b"0\r\n\r\n")
         connection.stream = None
         connection.read_request()  # a pipelined next request, if any
@@ -148,7 +157,9 @@ class UpstreamProtocol(asyncio.Protocol):
         try:
             request = json.loads(body)
             prompt = str(request["messages"][-1]["content"])
-        except (ValueError, KeyError, IndexError, TypeError):
+            options = request.get("stream_options") or {}
+            include_usage = options.get("include_usage") is True
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             self.reply(400, b'{"error": {"message": "bad request"}}')
             return
         k, interval, pad = self.server.k, self.server.interval, self.server.pad
@@ -160,7 +171,15 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 pad = int(value)
         self.server.requests += 1
-        self.stream = Stream(self, k, interval, pad)
+        usage = b""
+        if include_usage:
+            prompt_tokens = -(-len(prompt) // 4)
+            usage = b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
+                prompt_tokens,
+                k,
+                prompt_tokens + k,
+            )
+        self.stream = Stream(self, k, interval, pad, usage)
 
     def reply(self, status: int, body: bytes) -> None:
         self.write(

@@ -20,9 +20,11 @@ from sse_llm.contract import (
     MAX_OFFSET,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
+    DeliveryVia,
     ErrorCode,
     Status,
 )
+from sse_llm.deliveries import Delivery, attach_via
 from sse_llm.errors import ApiError
 from sse_llm.events import chunk_events, live_events, start_event
 from sse_llm.generation import Generation, Subscriber
@@ -38,10 +40,12 @@ async def stream(request: Request) -> Response:
     body = await read_json_object(request)
     prompt = validate_prompt(body, service_of(request).settings.max_prompt_chars)
     conversation, generation, subscriber = await start_generation(request, prompt)
-    events = live_events(conversation.id, subscriber.updates(), start_event(conversation))
+    delivery = Delivery.of(request, conversation.id, DeliveryVia.STREAM)
+    updates = delivery.watch(subscriber.updates())
+    events = live_events(conversation.id, updates, start_event(conversation))
     return sse_response(
         request,
-        closing(events, lambda: generation.unsubscribe(subscriber)),
+        closing(events, lambda: generation.unsubscribe(subscriber), delivery),
         {"X-Conversation-Id": str(conversation.id)},
     )
 
@@ -51,6 +55,7 @@ async def attach(request: Request) -> Response:
     service = service_of(request)
     conversation_id = parse_conversation_id(request.path_params["conversation_id"])
     after = _last_event_id(request)
+    via = attach_via(request)
     generation: Generation | None = service.generations.get(conversation_id)
     # Subscribing before reading the database means no chunk can fall between the two.
     subscriber: Subscriber | None = None
@@ -79,9 +84,11 @@ async def attach(request: Request) -> Response:
     else:
         return Response(status_code=204)  # ended, nothing new: EventSource stops reconnecting
     first = RETRY_HINT + (start_event(conversation) if after == 0 else b"") + chunk_events(replay)
-    events = live_events(conversation_id, updates, first)
+    delivery = Delivery.of(request, conversation_id, via, after + 1)
+    delivery.replayed(replay[-1].seq if replay else None)
+    events = live_events(conversation_id, delivery.watch(updates), first)
     headers = {"X-Conversation-Id": str(conversation.id)}
-    return sse_response(request, closing(events, on_close), headers)
+    return sse_response(request, closing(events, on_close, delivery), headers)
 
 
 async def cancel(request: Request) -> Response:
@@ -246,6 +253,18 @@ def conversation_json(conversation: Conversation) -> dict[str, Any]:
         "provider": conversation.provider,
         "chunks": conversation.chunks,
         "error": error,
+        "usage": usage_json(conversation),
+    }
+
+
+def usage_json(conversation: Conversation) -> dict[str, Any] | None:
+    """Its token counts (the model's, or estimated), or None while streaming or if none."""
+    if conversation.prompt_tokens is None or conversation.completion_tokens is None:
+        return None
+    return {
+        "prompt_tokens": conversation.prompt_tokens,
+        "completion_tokens": conversation.completion_tokens,
+        "estimated": conversation.tokens_estimated,
     }
 
 

@@ -20,14 +20,17 @@ from sse_llm import (
     agreement_pages,
     api,
     dashboard,
+    deliveries,
     openai_api,
     review_pages,
     review_queue,
     reviews_api,
+    stats_api,
 )
 from sse_llm.access import AccessControl
 from sse_llm.admission import Admission
 from sse_llm.broadcast import Broadcast
+from sse_llm.compaction import Compactor
 from sse_llm.config import ConfigError, Settings, parse_rate
 from sse_llm.dashboard import create_templates
 from sse_llm.database import apply_migrations, open_pool, open_query_pool
@@ -58,6 +61,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
     app = Starlette(
         routes=[
             *api.routes,
+            *deliveries.routes,
             *dashboard.routes,
             *access.routes,
             *openai_api.routes,
@@ -65,6 +69,7 @@ def create_app(settings: Settings, *, migrate: bool = True) -> Starlette:
             *review_pages.routes,
             *review_queue.routes,
             *agreement_pages.routes,
+            *stats_api.routes,
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", StaticFiles(directory=resource_dir("static")), name="static"),
         ],
@@ -131,6 +136,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_interval=settings.lease_interval,
     )
     broadcast.start()
+    compactor = Compactor(pool, settings.compaction_interval, settings.compaction_batch)
+    compactor.start()
     service = Service(
         **vars(base),
         pool=pool,
@@ -161,6 +168,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             drain.cancel()  # stopped without a signal (tests, embedding apps)
             base.lifecycle.shutting_down = True
             await generations.shutdown(settings.shutdown_grace)
+        await compactor.close()
         await writer.close()
         await lease.release()
         await broadcast.close()

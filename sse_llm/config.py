@@ -56,6 +56,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] | None = None
     log_format: str = "text"
     query_timeout: float = 5.0  # history lists, searches, counts: per statement
+    # Folding ended conversations' chunk rows into their compact form (compaction.py).
+    compaction_interval: float = 5.0  # seconds between batches; 0: no compaction here
+    compaction_batch: int = 200  # conversations per batch (one transaction)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -88,6 +91,8 @@ class Settings:
             allowed_hosts=parse_allowed_hosts(env.get("SSE_LLM_ALLOWED_HOSTS")),
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
             query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
+            compaction_interval=_read(env, "SSE_LLM_COMPACTION_INTERVAL", float, 5.0),
+            compaction_batch=_read(env, "SSE_LLM_COMPACTION_BATCH", int, 200),
         )
         settings.validate()
         return settings
@@ -119,6 +124,7 @@ class Settings:
             "SSE_LLM_QUEUE_TIMEOUT": self.queue_timeout,
             "SSE_LLM_QUERY_TIMEOUT": self.query_timeout,
             "SSE_LLM_LEASE_INTERVAL": self.lease_interval,
+            "SSE_LLM_COMPACTION_BATCH": self.compaction_batch,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -128,6 +134,7 @@ class Settings:
             "SSE_LLM_PING_INTERVAL": self.ping_interval,
             "SSE_LLM_SHUTDOWN_GRACE": self.shutdown_grace,
             "SSE_LLM_OVERLOAD_LAG": self.overload_lag,
+            "SSE_LLM_COMPACTION_INTERVAL": self.compaction_interval,
         }
         for name, value in not_negative.items():
             if value < 0:

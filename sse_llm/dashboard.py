@@ -37,6 +37,7 @@ from sse_llm.contract import (
     Verdict,
 )
 from sse_llm.database import QueriesBusy, QueryTimeout
+from sse_llm.delivery_timeline import build_timeline
 from sse_llm.errors import QUERIES_BUSY_MESSAGE, QUERY_TIMEOUT_MESSAGE
 from sse_llm.history_filters import HistoryFilter, parse_filter
 from sse_llm.history_queries import HIT_START, HIT_STOP
@@ -150,6 +151,8 @@ class HistorySearch:
             )
         if chosen.to is not None:
             found.append((f"until {format_utc(chosen.to, True)}", self.link(offset=0, to=None)))
+        if chosen.delivered:
+            found.append(("no client was sent the end", self.link(offset=0, delivered=None)))
         return found
 
 
@@ -229,6 +232,7 @@ async def conversation_page(request: Request) -> Response:
         "thread": thread_of(conversation),
         "reviewer": access.current_reviewer(request) or "",
         "review_panel": await review_panel(request, conversation),
+        "timeline": await build_timeline(service.pool, conversation),
     }
     if view == "rendered":
         context.update(await rendered_texts(request, conversation))

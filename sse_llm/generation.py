@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from sse_llm.config import Settings
 from sse_llm.contract import INTERRUPTED_MESSAGE, ErrorCode, Status, StopReason
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
-from sse_llm.providers.base import ModelRequest
+from sse_llm.providers.base import ModelRequest, Usage, estimate_usage
 from sse_llm.store import Chunk, Conversation, Ending, Outcome
 from sse_llm.writer import Writer, rejected_end, unavailable_end
 
@@ -88,6 +89,7 @@ class Generation:
     """Streams one answer from the provider through the writer to its subscribers."""
 
     __slots__ = (
+        "_characters",
         "_fenced",
         "_first_chunk_after",
         "_generating",
@@ -99,6 +101,7 @@ class Generation:
         "_stop_reason",
         "_storage_code",
         "_subscribers",
+        "_usage",
         "_writer",
         "conversation",
         "deadline",
@@ -138,6 +141,8 @@ class Generation:
         self._generating = False  # reading the provider: the only phase stop() may cancel
         self._last_write: asyncio.Future[bool] | None = None
         self._first_chunk_after: float | None = None
+        self._usage: Usage | None = None  # the model's token counts, if it sent them
+        self._characters = 0  # of the answer so far, for an estimate of its tokens
         self.deadline = float("inf")  # loop time by which the next piece must arrive
         self.task: asyncio.Task[None] | None = None
 
@@ -221,12 +226,29 @@ class Generation:
             return self._with_persisted_count(
                 self._stopped_outcome(self._storage_code or StopReason.STORAGE_UNAVAILABLE)
             )
-        ending = Ending(self.id, produced.status, produced.error_code, produced.error_message)
+        usage = self._usage or estimate_usage(self._model_request().messages, self._characters)
+        ending = Ending(
+            self.id,
+            produced.status,
+            produced.error_code,
+            produced.error_message,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated,
+        )
         recorded = await self._writer.finish(ending)
         if recorded is None:  # another process settled the conversation first
             return await self._recorded_outcome()
         return self._with_persisted_count(
-            Outcome(recorded.status, 0, recorded.error_code, recorded.error_message)
+            Outcome(
+                recorded.status,
+                0,
+                recorded.error_code,
+                recorded.error_message,
+                recorded.prompt_tokens,
+                recorded.completion_tokens,
+                recorded.tokens_estimated,
+            )
         )
 
     async def _recorded_outcome(self) -> Outcome:
@@ -246,7 +268,7 @@ class Generation:
 
     def _with_persisted_count(self, outcome: Outcome) -> Outcome:
         """`outcome` with the number of chunks persisted and published."""
-        return Outcome(outcome.status, self.persisted, outcome.error_code, outcome.error_message)
+        return dataclasses.replace(outcome, chunks=self.persisted)
 
     def _report(self, outcome: Outcome, started: float) -> None:
         """The per-stream log line and metrics (never the prompt or response text)."""
@@ -284,9 +306,13 @@ class Generation:
         try:
             async with aclosing(self._provider.stream(self._model_request())) as pieces:
                 async for text in pieces:
+                    if isinstance(text, Usage):  # the model's counts, after its last piece
+                        self._usage = text
+                        continue
                     if not text:
                         continue
                     seq += 1
+                    self._characters += len(text)
                     now = loop.time()
                     self.deadline = min(now + settings.chunk_timeout, total_deadline)
                     if seq == 1:

@@ -29,6 +29,13 @@ from sse_llm.contract import (
 )
 from sse_llm.errors import ApiError
 
+# A conversation's full-text vector, as its index (migration 0015) is built on: a query
+# must spell exactly this for the index to serve it. Bounded inputs keep the vector under
+# PostgreSQL's 1 MB limit for huge answers.
+SEARCH_VECTOR = sql.SQL(
+    "to_tsvector('english'::regconfig, left(c.prompt, 100000) || ' ' || left(c.response, 400000))"
+)
+
 _Choice = TypeVar("_Choice", Status, Verdict)
 _Value = TypeVar("_Value")
 
@@ -44,8 +51,12 @@ FILTER_PARAMETERS = (
     "model",
     "from",
     "to",
+    "delivered",
     "before",
 )
+# `delivered=incomplete` (SPEC 10): ended conversations to which no client connection
+# sent the final event. The one value there is.
+DELIVERED_INCOMPLETE = "incomplete"
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class HistoryFilter:
     model: str | None = None
     from_: datetime | None = None
     to: datetime | None = None
+    delivered: str | None = None  # DELIVERED_INCOMPLETE or None
     before: UUID | None = None
 
     def pairs(self) -> list[tuple[str, str]]:
@@ -89,6 +101,8 @@ class HistoryFilter:
             values.append(("from", self.from_.isoformat()))
         if self.to is not None:
             values.append(("to", self.to.isoformat()))
+        if self.delivered:
+            values.append(("delivered", self.delivered))
         if self.before is not None:
             values.append(("before", str(self.before)))
         return values
@@ -131,6 +145,7 @@ def parse_filter(params: Mapping[str, str] | QueryParams, *, strict: bool) -> Hi
         if strict:
             raise _invalid("from", "from must not be later than to.")
         from_ = to = None
+    delivered = reader.checked("delivered", _delivered)
     before = reader.checked("before", UUID)
     return HistoryFilter(
         q=q,
@@ -143,8 +158,15 @@ def parse_filter(params: Mapping[str, str] | QueryParams, *, strict: bool) -> Hi
         model=model,
         from_=from_,
         to=to,
+        delivered=delivered,
         before=before,
     )
+
+
+def _delivered(value: str) -> str:
+    if value != DELIVERED_INCOMPLETE:
+        raise ValueError(f"delivered must be {DELIVERED_INCOMPLETE}.")
+    return value
 
 
 class _Reader:
@@ -271,11 +293,16 @@ def condition(history_filter: HistoryFilter) -> tuple[sql.Composable, dict[str, 
 def conversation_conditions(
     history_filter: HistoryFilter,
 ) -> tuple[list[sql.Composable], dict[str, Any]]:
-    """The conditions on the conversation's own columns (q, status, model, from, to)."""
+    """The conditions on the conversation's own columns (q, status, model, from, to,
+    delivered)."""
     parts: list[sql.Composable] = []
     params: dict[str, Any] = {}
     if history_filter.q:
-        parts.append(sql.SQL("c.search @@ websearch_to_tsquery('english', %(filter_q)s)"))
+        parts.append(
+            sql.SQL("{vector} @@ websearch_to_tsquery('english', %(filter_q)s)").format(
+                vector=SEARCH_VECTOR
+            )
+        )
         params["filter_q"] = history_filter.q
     if history_filter.status:
         parts.append(sql.SQL("c.status = %(filter_status)s"))
@@ -289,6 +316,20 @@ def conversation_conditions(
     if history_filter.to is not None:
         parts.append(sql.SQL("c.created_at < %(filter_to)s"))
         params["filter_to"] = history_filter.to
+    if history_filter.delivered:
+        # The flag finds the few candidates by a partial index (migration 0014) and says
+        # 'streaming' literally, as that index's predicate does; the probe of the
+        # conversation's deliveries corrects a flag a race between replicas left set.
+        # A scalar subquery, not NOT EXISTS: as an anti-join the planner takes almost
+        # every flagged row for one with an end sent (as almost all conversations are)
+        # and plans a parallel scan (25-45 ms at 1,000,000 under load, 0.3 ms this way).
+        parts.append(
+            sql.SQL(
+                "c.delivery_cut AND c.status <> 'streaming' AND NOT coalesce((SELECT true"
+                " FROM deliveries d WHERE d.conversation_id = c.id"
+                " AND d.ended IN ('done', 'error') LIMIT 1), false)"
+            )
+        )
     return parts, params
 
 

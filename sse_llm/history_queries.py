@@ -270,15 +270,20 @@ async def _newest_window(
 ) -> _Ids:
     """The page among the newest `window` conversations that match the cheap conditions."""
     plain = HistoryFilter(
-        status=chosen.status, model=chosen.model, from_=chosen.from_, to=chosen.to
+        status=chosen.status,
+        model=chosen.model,
+        from_=chosen.from_,
+        to=chosen.to,
+        delivered=chosen.delivered,
     )
     inner, inner_params = history_filters.condition(plain)
     outer, outer_params = history_filters.condition(
-        replace(chosen, status=None, model=None, from_=None, to=None)
+        replace(chosen, status=None, model=None, from_=None, to=None, delivered=None)
     )
     statement = sql.SQL("""
         SELECT c.id, c.created_at FROM (
-            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {inner} AND {keyset}
+            SELECT c.id, c.created_at, c.prompt, c.response FROM conversations c
+            WHERE {inner} AND {keyset}
             ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
         ) AS c
         WHERE {outer}

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
+# Marks in a request's ASGI scope once its connection is gone: what a delivery sent is
+# what went out before (deliveries.py). Sends after a disconnect return quietly.
+CONNECTION_LOST = "sse_llm.connection_lost"
+CLIENT_STALLED = "sse_llm.client_stalled"  # dropped for reading nothing
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_stall_timer()
+        self._mark_request(CONNECTION_LOST)
         super().connection_lost(exc)
+
+    def _mark_request(self, key: str) -> None:
+        """Mark the current request's scope (its app reads the key)."""
+        if self.cycle is not None:
+            cast(dict[str, Any], self.cycle.scope)[key] = True
 
     def _cancel_stall_timer(self) -> None:
         if self._stall_timer is not None:
@@ -77,6 +88,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _drop_stalled_client(self) -> None:
         self._stall_timer = None
+        self._mark_request(CLIENT_STALLED)
         log.info("dropping a client that read nothing for %gs", self.stalled_client_timeout)
         # connection_lost follows: uvicorn marks the request disconnected, its pending
         # send returns, and the app's receive() gets http.disconnect.

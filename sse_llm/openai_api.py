@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sse_llm.contract import MAX_MODEL_CHARS, ErrorCode, Status
+from sse_llm.contract import MAX_MODEL_CHARS, DeliveryEnd, DeliveryVia, ErrorCode, Status
+from sse_llm.deliveries import Delivery
 from sse_llm.errors import ApiError
 from sse_llm.events import line_safe, ping_comment
 from sse_llm.generation import Subscriber
@@ -117,16 +118,24 @@ async def chat_completions(request: Request) -> Response:
         parameters=call.parameters,
     )
     headers = {"X-Conversation-Id": str(conversation.id)}
+    delivery = Delivery.of(request, conversation.id, DeliveryVia.V1)
     if not call.stream:
+        delivery.open()
         try:
             text, outcome = await collect(subscriber)
+            # The answer goes out whole, or the error instead (with no text).
+            if outcome.status == Status.COMPLETED:
+                delivery.end_with(DeliveryEnd.DONE, outcome.chunks or None)
+            else:
+                delivery.end_with(DeliveryEnd.ERROR, None)
         finally:
             generation.unsubscribe(subscriber)
+            delivery.close()
         return completion_response(conversation, call, text, outcome, headers)
     completion = CompletionStream(conversation, call)
-    events = completion.events(subscriber.updates())
+    events = completion.events(delivery.watch(subscriber.updates()))
     return sse_response(
-        request, closing(events, lambda: generation.unsubscribe(subscriber)), headers
+        request, closing(events, lambda: generation.unsubscribe(subscriber), delivery), headers
     )
 
 
@@ -287,13 +296,15 @@ def finish_reason(call: Call, chunks: int) -> str:
     return "length" if max_tokens and chunks >= max_tokens else "stop"
 
 
-def usage(call: Call, chunks: int) -> dict[str, int]:
-    """Token counts, estimated: a chunk counts as a token, a prompt word as a token."""
-    prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in call.messages)
+def usage(outcome: Outcome) -> dict[str, int] | None:
+    """The token counts the generation's end recorded: the upstream's, or where it
+    reported none the stored estimate (characters / 4); None if nothing was counted."""
+    if outcome.prompt_tokens is None or outcome.completion_tokens is None:
+        return None
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": chunks,
-        "total_tokens": prompt_tokens + chunks,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
     }
 
 
@@ -319,7 +330,7 @@ def completion_response(
                 "finish_reason": finish_reason(call, outcome.chunks),
             }
         ],
-        "usage": usage(call, outcome.chunks),
+        "usage": usage(outcome),
     }
     return JSONResponse(body, headers=headers)
 
@@ -386,7 +397,7 @@ class CompletionStream:
         reason = finish_reason(self.call, outcome.chunks)
         data = self.event([{"index": 0, "delta": {}, "finish_reason": reason}])
         if self.call.include_usage:
-            data += self.event([], usage=usage(self.call, outcome.chunks))
+            data += self.event([], usage=usage(outcome))
         return data + b"data: [DONE]\n\n"
 
 

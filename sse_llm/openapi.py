@@ -21,11 +21,15 @@ from sse_llm.contract import (
     MAX_REVIEWER_CHARS,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
+    DeliveryEnd,
+    DeliveryVia,
     ErrorCode,
     Status,
     Verdict,
 )
 from sse_llm.service import service_of
+from sse_llm.stats_queries import MAX_BUCKETS as MAX_STATS_BUCKETS
+from sse_llm.stats_queries import SAMPLE_SIZE as STATS_SAMPLE_SIZE
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -167,13 +171,32 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_CHUNK_ID},
                     },
+                    {
+                        "name": "via",
+                        "in": "query",
+                        "schema": {"enum": [DeliveryVia.ATTACH, DeliveryVia.DASHBOARD]},
+                        "description": "How the connection is recorded in its deliveries"
+                        " (the dashboard's live view says `dashboard`); default `attach`.",
+                    },
                 ],
                 "responses": {
                     "200": _EVENT_STREAM,
                     "204": {"description": "Ended, and nothing after Last-Event-ID."},
                     "401": _error("The API key is missing or wrong."),
                     "404": _error("No conversation has this id."),
-                    "422": _error("Last-Event-ID is not a chunk number."),
+                    "422": _error("Last-Event-ID is not a chunk number, or `via` is unknown."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/conversations/{conversation_id}/deliveries": {
+            "get": {
+                "summary": "What each client connection to the conversation was sent",
+                "parameters": [_ID_PARAMETER],
+                "responses": {
+                    "200": _json("Deliveries", "Its client connections, oldest first."),
+                    "401": _error("The API key is missing or wrong."),
+                    "404": _error("No conversation has this id."),
                     "503": _UNAVAILABLE,
                 },
             }
@@ -255,6 +278,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             }
         },
         "/agreement": _AGREEMENT_PATH,
+        "/stats": _STATS_PATH,
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streamed or not",
@@ -626,6 +650,13 @@ _HISTORY_FILTERS = [
         "ISO 8601; created before it (exclusive). Without a zone: UTC. Not before `from`.",
     ),
     _query(
+        "delivered",
+        {"enum": ["incomplete", ""]},
+        "`incomplete`: ended, and no client connection was sent its final event (`done` or"
+        " `error`), though some connection was recorded (a conversation older than the"
+        " record of deliveries is never listed).",
+    ),
+    _query(
         "before",
         {"type": "string", "format": "uuid"},
         "Keyset paging: the page after this conversation (the last item's `id`), in the"
@@ -704,6 +735,24 @@ _SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "provider": {"type": "string"},
             "chunks": {"type": "integer", "minimum": 0},
+            "usage": {
+                "description": "Token counts, set with the end: the model's own, or "
+                "sse-llm's estimate (`estimated`: characters / 4) where it reported none. "
+                "null while streaming, or when none were counted.",
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["prompt_tokens", "completion_tokens", "estimated"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "prompt_tokens": {"type": "integer", "minimum": 0},
+                            "completion_tokens": {"type": "integer", "minimum": 0},
+                            "estimated": {"type": "boolean"},
+                        },
+                    },
+                ],
+            },
             "reviews": {
                 "description": "Its reviews (in GET /history's items), notes left out.",
                 "type": "array",
@@ -735,6 +784,27 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 ]
             },
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["started_at", "ended_at", "via", "from_seq", "last_seq", "ended"],
+        "additionalProperties": False,
+        "properties": {
+            "started_at": _TIMESTAMP,
+            "ended_at": {"oneOf": [_TIMESTAMP, {"type": "null"}]},
+            "via": {"enum": list(DeliveryVia)},
+            "from_seq": {"type": "integer", "minimum": 1},
+            "last_seq": {"type": ["integer", "null"], "minimum": 1},
+            "ended": {"oneOf": [{"enum": list(DeliveryEnd)}, {"type": "null"}]},
+        },
+    },
+    "Deliveries": {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}
         },
     },
     "HistoryPage": {
@@ -925,6 +995,110 @@ _AGREEMENT_PATH = {
             "401": _error("The API key is missing or wrong."),
             "422": _error("A filter or a reviewer name is invalid."),
             "503": _UNAVAILABLE,
+        },
+    }
+}
+
+
+# GET /stats (SPEC 10): the history's figures by bucket, from the rollups (migration 0013).
+_PERCENTILES = {
+    "type": "object",
+    "required": ["p50", "p95"],
+    "additionalProperties": False,
+    "properties": {
+        "p50": {"type": ["number", "null"], "minimum": 0},
+        "p95": {"type": ["number", "null"], "minimum": 0},
+    },
+}
+_COUNT = {"type": "integer"}
+_STATS_FIGURES: dict[str, Any] = {
+    "conversations": _COUNT,
+    "by_status": {
+        "type": "object",
+        "required": list(Status),
+        "additionalProperties": False,
+        "properties": {status: _COUNT for status in Status},
+    },
+    "errors": {"type": "object", "additionalProperties": _COUNT},
+    "ttfc_ms": _PERCENTILES,
+    "duration_ms": _PERCENTILES,
+    "chunks": {
+        "type": "object",
+        "required": ["mean"],
+        "additionalProperties": False,
+        "properties": {"mean": {"type": ["number", "null"]}},
+    },
+    "tokens": {
+        "type": "object",
+        "required": ["prompt", "completion", "estimated"],
+        "additionalProperties": False,
+        "properties": {"prompt": _COUNT, "completion": _COUNT, "estimated": _COUNT},
+    },
+    "reviews": {
+        "type": "object",
+        "required": ["reviewed", "good", "bad", "unsure"],
+        "additionalProperties": False,
+        "properties": {name: _COUNT for name in ("reviewed", "good", "bad", "unsure")},
+    },
+}
+_SCHEMAS["StatsFigures"] = {
+    "type": "object",
+    "required": list(_STATS_FIGURES),
+    "additionalProperties": False,
+    "properties": _STATS_FIGURES,
+}
+_SCHEMAS["StatsBucket"] = {
+    "type": "object",
+    "required": ["start", *_STATS_FIGURES],
+    "additionalProperties": False,
+    "properties": {"start": {"type": "string", "format": "date-time"}, **_STATS_FIGURES},
+}
+_SCHEMAS["Stats"] = {
+    "type": "object",
+    "required": ["buckets", "totals", "estimate"],
+    "additionalProperties": False,
+    "properties": {
+        "buckets": {
+            "type": "array",
+            "maxItems": MAX_STATS_BUCKETS,
+            "items": {"$ref": "#/components/schemas/StatsBucket"},
+        },
+        "totals": {"$ref": "#/components/schemas/StatsFigures"},
+        "estimate": {"type": "boolean"},
+    },
+}
+_STATS_PATH = {
+    "get": {
+        "summary": "Conversations, statuses, errors, timings, chunks, tokens and reviews by bucket",
+        "description": (
+            "UTC buckets from `from` (default: 7 days before `to` by hour, 90 by day) to"
+            " `to` (default: now), widened to whole buckets; at most"
+            f" {MAX_STATS_BUCKETS:,}. Figures come from rollups when the filter is only"
+            " status, model and time; any other filter is computed over the newest"
+            f" {STATS_SAMPLE_SIZE:,} matching conversations and `estimate` is true."
+            " Percentiles are within 9.05% (log-spaced histogram bins)."
+        ),
+        "parameters": [
+            _query("bucket", {"enum": ["hour", "day", ""]}, "Bucket width (default hour)."),
+            _query(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL},
+                'Web search syntax: words, "phrases", -excluded, or (an estimate).',
+            ),
+            _query("status", {"enum": [*Status, ""]}, "Only this status; empty means any."),
+            *_HISTORY_FILTERS,
+        ],
+        "responses": {
+            "200": _json("Stats", "The figures per bucket and in total."),
+            "401": _error("The API key is missing or wrong."),
+            "422": _error(
+                "A parameter is invalid (the message names it), `from` is later than `to`,"
+                f" or the range holds more than {MAX_STATS_BUCKETS:,} buckets."
+            ),
+            "503": _error(
+                "The database is unavailable, the query ran past SSE_LLM_QUERY_TIMEOUT"
+                " (`query_timeout`), or too many are running (`too_many_queries`)."
+            ),
         },
     }
 }

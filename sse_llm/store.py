@@ -14,10 +14,13 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from sse_llm import chunk_layout
 from sse_llm.contract import (
     CANCEL_CHANNEL,
     CHUNKS_CHANNEL,
     INTERRUPTED_MESSAGE,
+    DeliveryEnd,
+    DeliveryVia,
     ErrorCode,
     Status,
 )
@@ -66,6 +69,10 @@ class Conversation:
     # Through /v1/chat/completions: the whole chat and the parameters sent upstream.
     messages: list[dict[str, Any]] | None
     parameters: dict[str, Any] | None
+    # Set with the end: the model's counts, or an estimate (`tokens_estimated`).
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    tokens_estimated: bool
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))  # read as text
@@ -92,16 +99,25 @@ class Ending:
     status: Status
     error_code: str | None = None
     error_message: str | None = None
+    # The model's token counts, or the generation's estimate (`tokens_estimated`); None
+    # when nothing was counted (an end the writer records after a storage failure).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool = False
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """Where a generation stands or how it ended: status, persisted chunks, error."""
+    """Where a generation stands or how it ended: status, persisted chunks, error, and
+    the token counts its end recorded (None where not known)."""
 
     status: Status
     chunks: int
     error_code: str | None = None
     error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))  # read as text
@@ -135,7 +151,8 @@ CONVERSATION_COLUMNS = sql.SQL("""
     c.id, c.prompt, {response} AS response,
     c.status, c.created_at, c.first_chunk_at, c.completed_at, c.model, c.provider,
     {chunks} AS chunks,
-    c.error_code, c.error_message, c.messages, c.parameters
+    c.error_code, c.error_message, c.messages, c.parameters,
+    c.prompt_tokens, c.completion_tokens, c.tokens_estimated
 """).format(response=LIVE_RESPONSE, chunks=LIVE_CHUNK_COUNT)
 
 
@@ -187,6 +204,9 @@ def _new_row(new: NewConversation, created_at: datetime) -> Conversation:
         error_message=None,
         messages=new.messages,
         parameters=new.parameters,
+        prompt_tokens=None,
+        completion_tokens=None,
+        tokens_estimated=False,
     )
 
 
@@ -284,13 +304,19 @@ async def finish_conversations(
     statement = sql.SQL("""
         WITH e AS (
             SELECT * FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(codes)s::text[],
-                                 %(messages)s::text[]) AS e(id, status, error_code, error_message)
+                                 %(messages)s::text[], %(prompt_tokens)s::int[],
+                                 %(completion_tokens)s::int[], %(estimated)s::bool[])
+                AS e(id, status, error_code, error_message, prompt_tokens, completion_tokens,
+                     tokens_estimated)
         ), ended AS (
             UPDATE conversations AS c
             SET status = e.status,
                 completed_at = now(),
                 error_code = e.error_code,
                 error_message = e.error_message,
+                prompt_tokens = e.prompt_tokens,
+                completion_tokens = e.completion_tokens,
+                tokens_estimated = e.tokens_estimated,
                 response = coalesce(k.response, ''),
                 chunk_count = k.count,
                 first_chunk_at = k.first_at,
@@ -317,6 +343,9 @@ async def finish_conversations(
             "statuses": [e.status for e in ends],
             "codes": [e.error_code for e in ends],
             "messages": [e.error_message for e in ends],
+            "prompt_tokens": [e.prompt_tokens for e in ends],
+            "completion_tokens": [e.completion_tokens for e in ends],
+            "estimated": [e.tokens_estimated for e in ends],
             "owner_id": owner_id,
         },
     )
@@ -351,19 +380,61 @@ async def get_conversation(pool: AsyncConnectionPool, conversation_id: UUID) -> 
         return await cursor.fetchone()
 
 
+# An ended conversation's chunks are rows, or its `chunk_layouts` row once compacted
+# (compaction.py): each read below takes both in ONE statement, so its one snapshot sees
+# a compaction either wholly committed or not at all: never neither form, nor both.
+# (LIVE_RESPONSE and LIVE_CHUNK_COUNT read `response` and `chunk_count` of an ended
+# conversation, which compaction leaves as they are.)
+
+
 async def read_chunks(
     pool: AsyncConnectionPool, conversation_id: UUID, after_seq: int = 0
 ) -> list[Chunk]:
-    """The persisted chunks of a conversation after `after_seq`, in order."""
+    """The persisted chunks of a conversation after `after_seq`, in order (rows or layout)."""
     query = """
-        SELECT conversation_id, seq, text FROM chunks
+        SELECT seq, text, NULL::text AS response, NULL::bytea AS layout FROM chunks
         WHERE conversation_id = %(id)s AND seq > %(after)s
-        ORDER BY seq
+        UNION ALL
+        SELECT NULL, NULL, c.response, l.layout
+        FROM chunk_layouts l JOIN conversations c ON c.id = l.conversation_id
+        WHERE l.conversation_id = %(id)s
     """
     async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=class_row(Chunk))
-        await cursor.execute(query, {"id": conversation_id, "after": after_seq})
-        return await cursor.fetchall()
+        cursor = await conn.execute(query, {"id": conversation_id, "after": after_seq})
+        rows = await cursor.fetchall()
+    chunks = [Chunk(conversation_id, seq, text) for seq, text, _, layout in rows if layout is None]
+    for _, _, response, layout in rows:
+        if layout is not None:
+            chunks.extend(
+                Chunk(conversation_id, laid.seq, laid.text)
+                for laid in chunk_layout.decode(layout, response)
+                if laid.seq > after_seq
+            )
+    chunks.sort(key=lambda chunk: chunk.seq)
+    return chunks
+
+
+async def chunk_timeline(
+    conn: AsyncConnection, conversation_id: UUID
+) -> list[tuple[int, float, int]]:
+    """Each chunk of a conversation as (seq, ms since its created_at, characters), in order."""
+    query = """
+        SELECT k.seq, extract(epoch FROM k.created_at - c.created_at)::float8 * 1000,
+               char_length(k.text), NULL::bytea AS layout
+        FROM chunks k JOIN conversations c ON c.id = k.conversation_id
+        WHERE k.conversation_id = %(id)s
+        UNION ALL
+        SELECT NULL, NULL, NULL, layout FROM chunk_layouts WHERE conversation_id = %(id)s
+    """
+    cursor = await conn.execute(query, {"id": conversation_id})
+    timeline: list[tuple[int, float, int]] = []
+    for seq, milliseconds, characters, layout in await cursor.fetchall():
+        if layout is None:
+            timeline.append((seq, milliseconds, characters))
+        else:
+            timeline.extend(chunk_layout.timeline(layout))
+    timeline.sort()
+    return timeline
 
 
 async def lock_instance(conn: AsyncConnection, instance_id: UUID) -> datetime | None:
@@ -456,6 +527,7 @@ async def interrupt_orphaned_conversations(
     }
     async with pool.connection() as conn, conn.transaction():
         settled = await _settle(conn, orphaned, params, fence=True)
+        await lose_deliveries(conn, params)  # before `forget`: the same dead processes
         # Dead processes that own no stream any more (the ones left this time, rows
         # another transaction had locked, go next time).
         forget = sql.SQL("""
@@ -504,6 +576,8 @@ async def _settle(
         rows = [(row_id, owner) for row_id, owner in rows if owner in fenced]
         if not rows:
             return []
+    # The token counts stay NULL: the upstream's died with the owner, and an estimate
+    # here would be a second method to keep in step with the generation's.
     statement = sql.SQL("""
         UPDATE conversations AS c
         SET status = %(status)s,
@@ -533,7 +607,7 @@ async def _settle(
 
 
 async def fold_counts(pool: AsyncConnectionPool) -> int:
-    """Merge the counts' per-process rows of past hours into writer 0; return rows moved.
+    """Merge the rollups' per-process rows into writer 0; return rows moved.
 
     Keeps the counts table about as small as hours x models x statuses however many
     processes ran. One process folds at a time (the others skip); a stream that ends
@@ -563,7 +637,12 @@ async def fold_counts(pool: AsyncConnectionPool) -> int:
             """,
             {"no_writer": NO_WRITER},
         )
-        return cursor.rowcount
+        moved = cursor.rowcount
+        # The /stats rollups (migration 0013): past hours' rows into writer 0 and the
+        # daily table; the review counts' per-backend rows into writer 0.
+        cursor = await conn.execute("SELECT fold_conversation_stats() + fold_review_counts()")
+        row = await cursor.fetchone()
+        return moved + (int(row[0]) if row else 0)
 
 
 async def cancel_requested(pool: AsyncConnectionPool, owner_id: UUID) -> list[UUID]:
@@ -627,6 +706,161 @@ async def set_statement_timeout(conn: AsyncConnection, seconds: float) -> None:
     # At least 1 ms: 0 would mean no timeout at all.
     milliseconds = max(1, round(seconds * 1000))
     await conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{milliseconds}ms",))
+
+
+# --- deliveries ---
+# What each client connection to a conversation was sent (SPEC 10; sse_llm/deliveries.py).
+# Written by the writer in its batches, read by GET /conversations/{id}/deliveries.
+
+# At most this many deliveries of one conversation are listed (the first ones).
+MAX_DELIVERIES_LISTED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One client connection to a conversation, as its row records it."""
+
+    id: UUID
+    conversation_id: UUID
+    via: DeliveryVia
+    instance_id: UUID
+    started_at: datetime
+    ended_at: datetime | None
+    from_seq: int
+    last_seq: int | None
+    ended: DeliveryEnd | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "via", DeliveryVia(self.via))  # read as text
+        if self.ended is not None:
+            object.__setattr__(self, "ended", DeliveryEnd(self.ended))
+
+
+async def write_deliveries(conn: AsyncConnection, rows: Sequence[DeliveryRow]) -> list[UUID]:
+    """Insert or end these deliveries, in one statement; return the conversations to
+    refresh (`refresh_delivery_cut`): flagged cut, and now sent their end by one of them.
+
+    A row comes as an open (ended NULL), an end, or both at once; an end never overwrites
+    another, except `lost`: recovery's guess, which the process that served it corrects.
+    """
+    cursor = await conn.execute(
+        """
+        WITH d AS (
+            SELECT * FROM unnest(%(ids)s::uuid[], %(conversations)s::uuid[], %(vias)s::text[],
+                                 %(instances)s::uuid[], %(started)s::timestamptz[],
+                                 %(ended_at)s::timestamptz[], %(from_seqs)s::int[],
+                                 %(last_seqs)s::int[], %(ends)s::text[])
+                AS d(id, conversation_id, via, instance_id, started_at, ended_at, from_seq,
+                     last_seq, ended)
+        ), written AS (
+            INSERT INTO deliveries AS w
+            SELECT * FROM d
+            ON CONFLICT (id) DO UPDATE
+                SET ended_at = excluded.ended_at, last_seq = excluded.last_seq,
+                    ended = excluded.ended
+                WHERE excluded.ended IS NOT NULL AND (w.ended IS NULL OR w.ended = 'lost')
+        )
+        -- Read, not updated here: an UPDATE of conversations in every batch would fire
+        -- its triggers each time; the flag is set on the rare cut-off.
+        SELECT c.id FROM conversations c
+        WHERE c.id = ANY(%(sent_end)s::uuid[]) AND c.delivery_cut
+        """,
+        {
+            "ids": [r.id for r in rows],
+            "conversations": [r.conversation_id for r in rows],
+            "vias": [r.via for r in rows],
+            "instances": [r.instance_id for r in rows],
+            "started": [r.started_at for r in rows],
+            "ended_at": [r.ended_at for r in rows],
+            "from_seqs": [r.from_seq for r in rows],
+            "last_seqs": [r.last_seq for r in rows],
+            "ends": [r.ended for r in rows],
+            "sent_end": [r.conversation_id for r in rows if r.ended in _SENT_THE_END],
+        },
+    )
+    return [row[0] for row in await cursor.fetchall()]
+
+
+_SENT_THE_END = (DeliveryEnd.DONE, DeliveryEnd.ERROR)
+CUT_OFF = (DeliveryEnd.CLIENT_LEFT, DeliveryEnd.DROPPED, DeliveryEnd.LOST)
+
+# `delivery_cut` (migration 0014) made true again: some delivery was cut off (the caller
+# knows) and none has sent the end, as this transaction sees the deliveries.
+_NONE_SENT_THE_END = sql.SQL("""
+    NOT EXISTS (SELECT 1 FROM deliveries d
+                WHERE d.conversation_id = c.id AND d.ended IN ('done', 'error'))
+""")
+
+
+async def refresh_delivery_cut(conn: AsyncConnection, ids: Sequence[UUID]) -> None:
+    """Set or clear `delivery_cut` of conversations a delivery was cut off from or has
+    just sent the end to; only rows whose flag changes are written."""
+    statement = sql.SQL("""
+        UPDATE conversations AS c SET delivery_cut = {none_sent}
+        WHERE c.id = ANY(%(ids)s::uuid[]) AND c.delivery_cut IS DISTINCT FROM {none_sent}
+    """).format(none_sent=_NONE_SENT_THE_END)
+    await conn.execute(statement, {"ids": list(ids)})
+
+
+async def lose_deliveries(conn: AsyncConnection, params: dict[str, Any]) -> int:
+    """Mark `lost` the open deliveries of dead processes; return how many.
+
+    Dead as the settling sweep says (`params`: its settler_id, quiet_server, namespace),
+    or forgotten already (no instance row), and fenced like a settled owner: a process
+    whose writer is connected keeps its rows open (it ends them itself). A live process
+    taken for dead still corrects `lost` with the end it writes.
+    """
+    dead = _DEAD_OWNER.format(owner=sql.SQL("o.instance_id"))
+    find = sql.SQL("""
+        SELECT o.instance_id FROM (
+            SELECT DISTINCT d.instance_id FROM deliveries d
+            WHERE d.ended IS NULL AND d.instance_id <> %(settler_id)s
+        ) AS o LEFT JOIN instances i ON i.id = o.instance_id
+        WHERE CASE WHEN i.id IS NULL OR {dead}
+                   THEN pg_try_advisory_xact_lock(%(fence)s, hashtext(o.instance_id::text))
+                   ELSE false END
+    """).format(dead=dead)
+    cursor = await conn.execute(find, params | {"fence": FENCE_LOCK_NAMESPACE})
+    owners = [row[0] for row in await cursor.fetchall()]
+    if not owners:
+        return 0
+    # A new snapshot (READ COMMITTED): every row the fenced writers committed is seen.
+    mark = sql.SQL("""
+        WITH lost AS (
+            UPDATE deliveries SET ended = 'lost', ended_at = now()
+            WHERE ended IS NULL AND instance_id = ANY(%(owners)s::uuid[])
+            RETURNING conversation_id
+        ), flagged AS (
+            UPDATE conversations AS c SET delivery_cut = true
+            WHERE c.id IN (SELECT conversation_id FROM lost) AND NOT c.delivery_cut
+              AND {none_sent}
+        )
+        SELECT count(*) FROM lost
+    """).format(none_sent=_NONE_SENT_THE_END)
+    cursor = await conn.execute(mark, {"owners": owners})
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def list_deliveries(
+    pool: AsyncConnectionPool, conversation_id: UUID
+) -> list[DeliveryRow] | None:
+    """The deliveries of a conversation, oldest first; None if there is no such conversation."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT 1 FROM conversations WHERE id = %s", (conversation_id,))
+        if await cursor.fetchone() is None:
+            return None
+        rows = conn.cursor(row_factory=class_row(DeliveryRow))
+        await rows.execute(
+            """
+            SELECT id, conversation_id, via, instance_id, started_at, ended_at, from_seq,
+                   last_seq, ended
+            FROM deliveries WHERE conversation_id = %s
+            ORDER BY started_at, id LIMIT %s
+            """,
+            (conversation_id, MAX_DELIVERIES_LISTED),
+        )
+        return await rows.fetchall()
 
 
 # --- sessions ---

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import Message, Send
 
 from sse_llm.contract import ErrorCode
+from sse_llm.deliveries import Delivery
 from sse_llm.errors import ApiError
 from sse_llm.generation import Generation, Subscriber
 from sse_llm.limits import client_key
@@ -143,11 +144,21 @@ def sse_response(
 
 
 async def closing(
-    events: AsyncIterator[bytes], on_close: Callable[[], None]
+    events: AsyncIterator[bytes], on_close: Callable[[], None], delivery: Delivery | None = None
 ) -> AsyncIterator[bytes]:
-    """Run `on_close` however the stream ends: finished, or the client went away."""
+    """Run `on_close` however the stream ends: finished, or the client went away.
+
+    With `delivery`, record it: opened with the first piece (a response never started
+    sends nothing), each piece sent once the next is asked for, ended here.
+    """
+    if delivery is not None:
+        delivery.open()
     try:
         async for data in events:
             yield data
+            if delivery is not None:
+                delivery.sent()
     finally:
         on_close()
+        if delivery is not None:
+            delivery.close()

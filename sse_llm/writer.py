@@ -28,6 +28,10 @@ What can go wrong, and why each answer is what it is:
   so the history says what the clients saw. A batch whose COMMIT reply was lost may
   have created conversations for requests that got an error: nobody knows their ids,
   so their rows are deleted once the database answers again.
+- Deliveries (what each client connection was sent) are records, not the stream: an
+  open and an end ride the next batch (one statement for all of them), a delivery whose
+  open is still queued when it ends is written once, ended. Through an outage they are
+  kept and retried with the other leftovers; none ever fails a stream.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from sse_llm.contract import ErrorCode, Status, StopReason
 from sse_llm.database import connection_options
 from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
-from sse_llm.store import Chunk, Conversation, Ending, NewConversation
+from sse_llm.store import CUT_OFF, Chunk, Conversation, DeliveryRow, Ending, NewConversation
 
 __all__ = ["ChunkOwner", "StorageRejected", "StorageUnavailable", "Writer"]
 
@@ -59,6 +63,9 @@ log = logging.getLogger(__name__)
 # (batches of one chunk) never waits.
 LINGER_SECONDS = 0.003
 BUSY_BATCH = 4
+# Deliveries kept through an outage, at most (a few per client connection; past this the
+# oldest records are given up, with a log line, rather than memory).
+MAX_KEPT_DELIVERIES = 10_000
 # Backoff between attempts while the database is away (a batch's own retries, and
 # those of kept ends and unconfirmed conversations when nothing else is written).
 RETRY_FIRST_SECONDS = 0.05
@@ -105,6 +112,15 @@ class ChunkOwner(Protocol):
         """Its conversation is no longer this process's to write: another settled it."""
 
 
+class DeliveryRecord(Protocol):
+    """A client connection's record (deliveries.Delivery): written as it is at write time."""
+
+    id: UUID
+
+    def row(self) -> DeliveryRow:
+        """The row as it stands: open, or ended."""
+
+
 @dataclass
 class _Batch:
     """What waits for the next transaction."""
@@ -114,11 +130,13 @@ class _Batch:
     )
     chunks: list[tuple[Chunk, ChunkOwner]] = field(default_factory=list)
     ends: list[tuple[Ending, asyncio.Future[Ending | None]]] = field(default_factory=list)
+    # By id: an open and its end queued in the same batch are one row.
+    deliveries: dict[UUID, DeliveryRecord] = field(default_factory=dict)
     # One future for all the chunks of the batch: no allocation per chunk.
     chunks_done: asyncio.Future[bool] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.creates or self.chunks or self.ends)
+        return bool(self.creates or self.chunks or self.ends or self.deliveries)
 
 
 @dataclass
@@ -167,6 +185,7 @@ class Writer:
         # Ends clients were told but not stored yet, and conversations to delete.
         self._kept: dict[UUID, Ending] = {}
         self._unconfirmed: set[UUID] = set()
+        self._kept_deliveries: dict[UUID, DeliveryRecord] = {}
         self._retry_delay = 0.0
         self._committing = False  # the COMMIT of the current transaction is under way
         self._wake = asyncio.Event()
@@ -229,6 +248,12 @@ class Writer:
         self._wake.set()
         return future
 
+    def record_delivery(self, delivery: DeliveryRecord) -> None:
+        """Queue a delivery's open or end for the next batch (no future: nobody waits)."""
+        if not self._closed:
+            self._pending.deliveries[delivery.id] = delivery
+            self._wake.set()
+
     def unsettled_ids(self) -> set[UUID]:
         """Conversations whose end is queued, being written or kept for a retry, or whose
         row is to be deleted: a sweep of this process's own rows must leave them alone."""
@@ -253,7 +278,7 @@ class Writer:
             # Checked before every wait, not after a wake-up: a write and close() in the
             # same tick set the event once, and the close must not wait for another.
             if not self._pending:
-                leftovers = bool(self._kept or self._unconfirmed)
+                leftovers = bool(self._kept or self._unconfirmed or self._kept_deliveries)
                 if self._closing:
                     if not leftovers or last_try:
                         break
@@ -368,6 +393,15 @@ class Writer:
                 end_future.set_result(told)
         if batch.chunks_done is not None and not batch.chunks_done.done():
             batch.chunks_done.set_result(False)
+        self._keep_deliveries(batch.deliveries)
+
+    def _keep_deliveries(self, deliveries: dict[UUID, DeliveryRecord]) -> None:
+        for delivery_id, delivery in deliveries.items():
+            self._kept_deliveries.setdefault(delivery_id, delivery)
+        while len(self._kept_deliveries) > MAX_KEPT_DELIVERIES:
+            given_up = next(iter(self._kept_deliveries))
+            del self._kept_deliveries[given_up]
+            log.warning("gave up recording delivery %s", given_up)
 
     async def _persist(self, batch: _Batch) -> _Stored:
         """Write the batch (and the leftovers) in one transaction; on a connection problem
@@ -383,6 +417,7 @@ class Writer:
         while True:
             kept = list(self._kept.values())
             unconfirmed = list(self._unconfirmed)
+            kept_deliveries = list(self._kept_deliveries)
             try:
                 # A database that stops answering (a half-open socket) must not hold every
                 # stream of the process for ever: an attempt gets what is left of the
@@ -417,6 +452,8 @@ class Writer:
             for ending in kept:  # recorded, or settled by another process
                 self._kept.pop(ending.conversation_id, None)
             self._unconfirmed.difference_update(unconfirmed)
+            for delivery_id in kept_deliveries:
+                self._kept_deliveries.pop(delivery_id, None)
             return stored
 
     def _fail_creates(self, batch: _Batch, exc: Exception) -> None:
@@ -436,7 +473,8 @@ class Writer:
         connection = await self._connect()
         stored = _Stored()
         ends = [ending for ending, _ in batch.ends] + kept
-        if not (batch.creates or ends or unconfirmed or isolate):
+        deliveries = {**self._kept_deliveries, **batch.deliveries}
+        if not (batch.creates or ends or unconfirmed or isolate or deliveries):
             # One statement: no BEGIN needed.
             await self._insert_chunks(connection, batch.chunks, stored, isolate=False)
             return stored
@@ -449,6 +487,8 @@ class Writer:
                 await self._insert_chunks(connection, batch.chunks, stored, isolate)
             if ends:
                 await self._finish(connection, ends, stored, isolate)
+            if deliveries:
+                await self._write_deliveries(connection, list(deliveries.values()), isolate)
             self._committing = True
         self._committing = False
         return stored
@@ -531,6 +571,24 @@ class Writer:
         for ending in abandoned:
             log.error("the database refused even a plain end of %s", ending.conversation_id)
             stored.ends[ending.conversation_id] = ending
+
+    async def _write_deliveries(
+        self, connection: psycopg.AsyncConnection, deliveries: list[DeliveryRecord], isolate: bool
+    ) -> None:
+        """Write the deliveries' rows as they stand now; keep `delivery_cut` true."""
+        rows = [delivery.row() for delivery in deliveries]
+
+        async def write(part: list[DeliveryRow]) -> None:
+            refresh = await store.write_deliveries(connection, part)
+            # Rare: a cut-off, or an end sent to a conversation flagged cut.
+            refresh.extend(row.conversation_id for row in part if row.ended in CUT_OFF)
+            if refresh:
+                await store.refresh_delivery_cut(connection, sorted(set(refresh)))
+
+        def give_up(row: DeliveryRow) -> None:
+            log.error("the database refused delivery %s", row.id)
+
+        await self._isolating(connection, rows, write, give_up, isolate)
 
     async def _isolating(
         self,

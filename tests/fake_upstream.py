@@ -26,6 +26,14 @@ its own HTTP chunk flushed immediately, then the script's ending.
         upstream.script("slow", Script(["a", " b"], delay=0.5, then="stall"))
         ...  # point the app at upstream.base_url
         assert upstream.closed_streams() == 1
+
+Token usage, as OpenAI does it: a request with `"stream_options": {"include_usage": true}`
+that ends "done" gets, after the finishing event and before `[DONE]`, an event with
+`"choices": []` and `"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}`:
+the script's `usage`, or by default a token per word of every message's text and a
+token per chunk. `FakeUpstream(refuse_stream_options=400)` (or 422) plays a server that
+predates the field: any request carrying it gets that status, with the body such servers
+send (an OpenAI-style proxy's "Unknown parameter", a pydantic server's extra_forbidden).
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ class Script:
     status: int = 200  # not 200: answer this status with an OpenAI JSON error, no stream
     error_message: str = "fake upstream failure"
     set_cookie: str | None = None  # a Set-Cookie header on the streamed answer
+    # Token counts (prompt, completion) for the usage event, when the request asks.
+    usage: tuple[int, int] | None = None
+    send_usage: bool = True  # False: ignore include_usage, as older Ollama does
+    usage_on_finish: bool = False  # the counts on the finishing event (older llama.cpp)
 
     def __post_init__(self) -> None:
         """Reject an unknown `then` when the script is written, not when it is played."""
@@ -73,8 +85,19 @@ class Script:
 class FakeUpstream:
     """The server. Use as a context manager, or call start() and stop()."""
 
-    def __init__(self) -> None:
-        """Prepare an unstarted server; nothing listens until start()."""
+    def __init__(
+        self, refuse_stream_options: int | None = None, refusal_delay: float = 0.0
+    ) -> None:
+        """Prepare an unstarted server; nothing listens until start().
+
+        `refuse_stream_options`: answer every request that carries stream_options with
+        this status (400 or 422), as servers that predate the field do, after
+        `refusal_delay` seconds (so that concurrent requests are all refused).
+        """
+        if refuse_stream_options not in (None, 400, 422):
+            raise ValueError("refuse_stream_options must be None, 400 or 422")
+        self.refuse_stream_options = refuse_stream_options
+        self.refusal_delay = refusal_delay
         # Public, for assertions: the JSON body and the headers (lower-cased names) of
         # every chat completions request, at the same index in both lists.
         self.requests: list[dict[str, Any]] = []
@@ -215,6 +238,11 @@ class FakeUpstream:
             script = self._scripts.get(prompt) or Script(echo_chunks(prompt))
         model = payload.get("model") or "fake-model"
 
+        if self.refuse_stream_options and "stream_options" in payload:
+            status = self.refuse_stream_options
+            await asyncio.sleep(self.refusal_delay)
+            await _send_json(writer, status, _STREAM_OPTIONS_REFUSALS[status], keep_alive)
+            return keep_alive
         if script.status != 200:
             error_type = "server_error" if script.status >= 500 else "invalid_request_error"
             body = _error_body(script.error_message, error_type, str(script.status))
@@ -224,8 +252,9 @@ class FakeUpstream:
             # Not streamed: the whole text at once; pacing and `then` do not apply.
             await _send_json(writer, 200, _completion(model, "".join(script.chunks)), keep_alive)
             return keep_alive
+        usage = _usage(payload, script)
         try:
-            ended_properly = await _stream(reader, writer, model, script, keep_alive)
+            ended_properly = await _stream(reader, writer, model, script, keep_alive, usage)
         except (_ClientGone, ConnectionError):
             with self._lock:
                 self._closed_streams += 1
@@ -293,8 +322,11 @@ async def _stream(
     model: str,
     script: Script,
     keep_alive: bool,
+    usage: dict[str, int] | None,
 ) -> bool:
     """Play `script` as an OpenAI event stream; return whether the body ended properly.
+
+    `usage`, if any, goes after the finishing event (or on it, see Script).
 
     Raises _ClientGone (or ConnectionError) when the client closes the connection first.
     """
@@ -325,7 +357,12 @@ async def _stream(
         error = {"error": {"message": script.error_message, "type": "server_error"}}
         await _send_chunk(reader, writer, _data(error))
     else:
-        await _send_chunk(reader, writer, _event(model, {}, finish_reason="stop"))
+        finish = _event(model, {}, finish_reason="stop")
+        if usage is not None and script.usage_on_finish:
+            finish = _event(model, {}, finish_reason="stop", usage=usage)
+        await _send_chunk(reader, writer, finish)
+        if usage is not None and not script.usage_on_finish:
+            await _send_chunk(reader, writer, _usage_event(model, usage))
         await _send_chunk(reader, writer, b"data: [DONE]\n\n")
     writer.write(b"0\r\n\r\n")  # the zero-length chunk that ends a chunked body
     await writer.drain()
@@ -387,17 +424,85 @@ def _data(payload: object) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-def _event(model: str, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+def _event(
+    model: str,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> bytes:
     """One chat.completion.chunk event."""
+    event: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        event["usage"] = usage
+    return _data(event)
+
+
+def _usage_event(model: str, usage: dict[str, int]) -> bytes:
+    """OpenAI's last event under include_usage: no choices, the whole answer's counts."""
     return _data(
         {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [],
+            "usage": usage,
         }
     )
+
+
+def _usage(payload: dict[str, Any], script: Script) -> dict[str, int] | None:
+    """The usage object to send, if the request asked for it and the script sends it."""
+    options = payload.get("stream_options")
+    if not (isinstance(options, dict) and options.get("include_usage") is True):
+        return None
+    if not script.send_usage:
+        return None
+    if script.usage is not None:
+        prompt_tokens, completion_tokens = script.usage
+    else:
+        messages = payload.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        texts = [_text(m.get("content")) for m in messages if isinstance(m, dict)]
+        prompt_tokens = sum(len(text.split()) for text in texts)
+        completion_tokens = len(script.chunks)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# What servers that predate stream_options answer a request carrying it: an OpenAI-style
+# proxy (one-api, new-api; older Azure API versions say "Unrecognized request argument
+# supplied"), and a pydantic server with extra fields forbidden (FastAPI's 422; vLLM
+# before 0.5 sent the same list in a 400).
+_STREAM_OPTIONS_REFUSALS: dict[int, dict[str, Any]] = {
+    400: {
+        "error": {
+            "message": "Unknown parameter: 'stream_options'.",
+            "type": "invalid_request_error",
+            "param": "stream_options",
+            "code": "unknown_parameter",
+        }
+    },
+    422: {
+        "detail": [
+            {
+                "type": "extra_forbidden",
+                "loc": ["body", "stream_options"],
+                "msg": "Extra inputs are not permitted",
+                "input": {"include_usage": True},
+            }
+        ]
+    },
+}
 
 
 def _completion(model: str, text: str) -> dict[str, Any]:
@@ -429,12 +534,16 @@ def _last_user_text(messages: object) -> str:
         return ""
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: keep only the text ones
-                return "".join(
-                    part.get("text", "")
-                    for part in content
-                    if isinstance(part, dict) and part.get("type") == "text"
-                )
-            return content if isinstance(content, str) else ""
+            return _text(message.get("content"))
     return ""
+
+
+def _text(content: object) -> str:
+    """A message's content as text (of content parts, only the text ones)."""
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return content if isinstance(content, str) else ""

@@ -54,6 +54,7 @@ def spawn_server(database_url: str, *args: str, **env: str) -> ServerProcess:
         "DATABASE_URL": database_url,
         "LLM_PROVIDER": "demo",
         "SSE_LLM_PORT": str(port),
+        "SSE_LLM_COMPACTION_INTERVAL": "0",  # as in conftest's base_settings
         **env,
     }
     with log_path.open("wb") as log:

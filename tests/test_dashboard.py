@@ -204,7 +204,9 @@ def test_streaming_detail_renders_persisted_text_and_resumes_after_it(
     follow = re.search(r'data-follow="([^"]+)"', page)
     assert follow is not None
     rendered = int(follow.group(1).rsplit("=", 1)[1])
-    assert follow.group(1) == f"/conversations/{conversation_id}/stream?last_event_id={rendered}"
+    assert follow.group(1) == (
+        f"/conversations/{conversation_id}/stream?via=dashboard&amp;last_event_id={rendered}"
+    )
     # The page holds exactly the chunks before the resume point: none twice, none lost.
     chunks = db.execute(
         "SELECT string_agg(text, '' ORDER BY seq) FROM chunks WHERE conversation_id = %s "

@@ -37,6 +37,7 @@ def test_history_defaults(client: httpx.Client) -> None:
         "provider",
         "chunks",
         "error",
+        "usage",  # token counts, with the end (test_usage.py)
         "reviews",  # SPEC 9
     }
 

@@ -49,7 +49,9 @@ def test_streaming_completion_is_persisted_and_listed(
     assert text == expected("And why persist each chunk?")
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "stop"
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    # The demo reports no counts: the stored estimate, characters / 4 (test_usage.py).
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == -(-len(text) // 4)
     assert {c.id for c in chunks} == {f"chatcmpl-{conversation_id.replace('-', '')}"}
 
     stored = httpx.get(f"{demo_server.url}/history/{conversation_id}").json()
@@ -95,7 +97,8 @@ def test_non_streaming_completion(client: openai.OpenAI) -> None:
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.content == expected("non streaming please")
     assert completion.choices[0].finish_reason == "stop"
-    assert completion.usage is not None and completion.usage.completion_tokens == 12
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == -(-len(expected("non streaming please")) // 4)
 
 
 def test_max_tokens_and_stop(client: openai.OpenAI) -> None:

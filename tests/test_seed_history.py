@@ -12,8 +12,12 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from seed_conversations import DiskGuard, mark_delivery_cuts, seed
 
+# Each index with its definition and the statistics targets of its columns (the search
+# expression index's, migration 0015: a definition does not carry them).
 INDEXES = """
-    SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+    SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid),
+           (SELECT array_agg(a.attstattarget ORDER BY a.attnum) FROM pg_attribute a
+            WHERE a.attrelid = i.indexrelid)::text
     FROM pg_index i WHERE i.indrelid = ANY('{conversations,deliveries}'::regclass[])
 """
 
@@ -25,6 +29,8 @@ def test_the_seed_rebuilds_every_index_of_the_live_schema(own_database: str) -> 
         conn.execute(
             "CREATE INDEX later_deliveries_idx ON deliveries (ended) WHERE ended IS NOT NULL"
         )
+        conn.execute("CREATE INDEX later_expression_idx ON conversations (lower(model))")
+        conn.execute("ALTER INDEX later_expression_idx ALTER COLUMN 1 SET STATISTICS 500")
         before = set(conn.execute(INDEXES).fetchall())
     seeded = seed(own_database, 2_000, jobs=2, guard=DiskGuard(None, 0))
     with psycopg.connect(own_database, autocommit=True) as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +23,30 @@ class ModelRequest:
     def from_prompt(cls, prompt: str, model: str) -> ModelRequest:
         """A one-message chat: what POST /stream asks."""
         return cls([{"role": "user", "content": prompt}], model)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The tokens of one answer: the model's own counts, or sse-llm's estimate."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+
+# The estimate's rule of thumb, OpenAI's for English text: a token is about 4 characters.
+CHARACTERS_PER_TOKEN = 4
+
+
+def estimate_usage(messages: list[dict[str, Any]], completion_characters: int) -> Usage:
+    """Estimated counts, for an answer whose model reported none: characters / 4,
+    rounded up, of every message's text (the prompt) and of the answer's text."""
+    prompt_characters = sum(len(message_text(m.get("content"))) for m in messages)
+    return Usage(
+        math.ceil(prompt_characters / CHARACTERS_PER_TOKEN),
+        math.ceil(completion_characters / CHARACTERS_PER_TOKEN),
+        estimated=True,
+    )
 
 
 class ProviderError(Exception):
@@ -56,8 +81,9 @@ class Provider(Protocol):
     name: str
     model: str
 
-    def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
-        """Yield the pieces of the answer as the model emits them."""
+    def stream(self, request: ModelRequest) -> AsyncGenerator[str | Usage, None]:
+        """Yield the pieces of the answer as the model emits them, then, if the model
+        reported them, its token counts (a `Usage`, never a piece of the answer)."""
         ...
 
     async def aclose(self) -> None:

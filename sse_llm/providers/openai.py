@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from sse_llm.providers.base import ModelRequest, UpstreamError, UpstreamUnavailable, clean_text
+from sse_llm.providers.base import (
+    ModelRequest,
+    UpstreamError,
+    UpstreamUnavailable,
+    Usage,
+    clean_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +36,23 @@ _SECRETS = (
 )
 # Anything that would break the log line (or a terminal showing it).
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Asked of every upstream: the token counts, in one last event before [DONE] (OpenAI,
+# vLLM >= 0.5, llama.cpp, Ollama >= 0.5.2). Servers that predate it refuse the field:
+# OpenAI-style proxies answer 400 "Unknown parameter: 'stream_options'" (older Azure
+# API versions "Unrecognized request argument supplied: stream_options"), pydantic
+# servers with extra fields forbidden (vLLM < 0.5, Mistral's API) 400 or 422
+# "extra_forbidden" at ('body', 'stream_options'); older Ollama ignores it.
+_STREAM_OPTIONS = {"include_usage": True}
+_REFUSAL_STATUSES = (400, 422)
 
 
 class OpenAIProvider:
     """Streams `POST {base_url}/chat/completions` with `"stream": true`.
 
     Timeouts between chunks are the generation's job; this client only bounds connecting.
+    It asks for the token counts (`stream_options.include_usage`); an upstream that
+    refuses the field gets the request again without it, and from then on, for this
+    process's life, never gets it (one provider per base URL).
     """
 
     name = "openai"
@@ -54,6 +71,9 @@ class OpenAIProvider:
         }
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        # Set only when the upstream refused stream_options and took the same request
+        # without it: a property of the server, not of one client's request.
+        self.refuses_usage = False
         # httpx's API on aiohttp's connection pool: httpx's own pool costs several times
         # more CPU per chunk at high concurrency (see the shared PERFORMANCE.md).
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
@@ -67,27 +87,16 @@ class OpenAIProvider:
             transport=AiohttpTransport(limits=limits),
         )
 
-    async def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
-        """Yield each `delta.content` of the upstream's SSE stream until `[DONE]`."""
-        body = {
-            **request.parameters,
-            "model": request.model,
-            "messages": request.messages,
-            "stream": True,
-        }
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[str | Usage, None]:
+        """Yield each `delta.content` of the upstream's SSE stream until `[DONE]`, then
+        the upstream's token counts if it sent them."""
         try:
-            post = self._client.build_request("POST", self._url, content=_encode(body))
-            response = await self._client.send(post, stream=True)
+            response = await self._open(request)
             try:
-                if response.status_code != 200:
-                    await _log_failure(response)
-                    status = response.status_code
-                    raise UpstreamError(f"The model server answered HTTP {status}.")
                 async for piece in _read_pieces(response):
                     yield piece
             finally:
-                await response.aclose()
-                _unbind(response)
+                await _close(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
             log.warning("cannot reach the model server: %s", masked(str(exc)))
             raise UpstreamUnavailable(
@@ -98,18 +107,66 @@ class OpenAIProvider:
                 f"The connection to the model server broke off: {type(exc).__name__}."
             ) from exc
 
+    async def _open(self, request: ModelRequest) -> httpx.Response:
+        """The upstream's streamed 200 answer; raise UpstreamError for any other.
+
+        A refusal of stream_options is retried once without it, before any chunk was
+        read (a refusal comes instead of the stream). It is remembered only if that
+        retry is accepted: a 400 that merely quotes the field (an upstream echoing a
+        client's request in its error, say) fails the retry too and changes nothing.
+        """
+        ask_usage = not self.refuses_usage
+        response = await self._send(request, ask_usage)
+        if response.status_code == 200:
+            return response
+        body = await _failure_body(response)
+        if ask_usage and _refuses_stream_options(response.status_code, body):
+            retried = await self._send(request, ask_usage=False)
+            if retried.status_code == 200:
+                self._remember_refusal(response.status_code)
+                return retried
+            response, body = retried, await _failure_body(retried)
+        log.warning("the model server answered HTTP %d: %s", response.status_code, masked(body))
+        raise UpstreamError(f"The model server answered HTTP {response.status_code}.")
+
+    async def _send(self, request: ModelRequest, ask_usage: bool) -> httpx.Response:
+        body = {
+            **request.parameters,
+            "model": request.model,
+            "messages": request.messages,
+            "stream": True,
+        }
+        if ask_usage:
+            body["stream_options"] = _STREAM_OPTIONS
+        post = self._client.build_request("POST", self._url, content=_encode(body))
+        return await self._client.send(post, stream=True)
+
+    def _remember_refusal(self, status: int) -> None:
+        if self.refuses_usage:
+            return  # concurrent requests each found out; one line says so
+        self.refuses_usage = True
+        where = self._url.copy_with(username=None, password=None)
+        log.warning(
+            "the model server at %s refuses stream_options (HTTP %d): not asking it for "
+            "token counts again; they will be estimated",
+            masked(str(where)),
+            status,
+        )
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
 
 
-async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
-    """The `delta.content` of each `data:` line, until `[DONE]`.
+async def _read_pieces(response: httpx.Response) -> AsyncIterator[str | Usage]:
+    """The `delta.content` of each `data:` line until `[DONE]`, then the last `usage`
+    the stream carried (its own event with no choices, or on the finishing one).
 
     Lines are split from the raw bytes and JSON is parsed from bytes: httpx's text and
     line decoders cost about a tenth of the server's CPU at high concurrency.
     """
     finished = False
+    usage: Usage | None = None
     tail = b""
     async for data in response.aiter_raw():
         *lines, tail = (tail + data).split(b"\n")
@@ -118,15 +175,20 @@ async def _read_pieces(response: httpx.Response) -> AsyncIterator[str]:
                 continue  # comments, event names, blank separators
             payload = line[5:].strip()
             if payload == b"[DONE]":
+                if usage is not None:
+                    yield usage
                 return
             # The parsed event is dropped before yielding: a suspended generator keeps
             # its locals, and a parsed event was ~2.5 KiB per open stream.
-            pieces, done = _pieces_of(_parse_event(payload))
+            pieces, done, counts = _pieces_of(_parse_event(payload))
             finished = finished or done
+            usage = counts or usage
             for piece in pieces:
                 yield piece
     if not finished:
         raise UpstreamError("The model server ended the stream before the answer was complete.")
+    if usage is not None:
+        yield usage
 
 
 class _NoCookies(CookieJar):
@@ -157,8 +219,9 @@ def _unbind(response: httpx.Response) -> None:
 _NO_STREAM = httpx.ByteStream(b"")
 
 
-def _pieces_of(event: dict[str, Any]) -> tuple[list[str], bool]:
-    """An event's non-empty `delta.content`s, and whether it has a `finish_reason`."""
+def _pieces_of(event: dict[str, Any]) -> tuple[list[str], bool, Usage | None]:
+    """An event's non-empty `delta.content`s, whether it has a `finish_reason`, and
+    the token counts it carries (OpenAI sends `"usage": null` on every other event)."""
     if "error" in event:
         # Only the log gets what it said (see _LOGGED_ERROR_BYTES).
         details = json.dumps(event, ensure_ascii=False)[:_READ_ERROR_BYTES]
@@ -172,7 +235,25 @@ def _pieces_of(event: dict[str, Any]) -> tuple[list[str], bool]:
             pieces.append(clean_text(content))
         if choice.get("finish_reason"):
             finished = True
-    return pieces, finished
+    if pieces and not finished:
+        # The counts come on an event of their own (no choices) or on the finishing one:
+        # an event of the answer is not searched for them.
+        return pieces, False, None
+    usage = event.get("usage")
+    return pieces, finished, _usage_of(usage) if usage else None
+
+
+def _usage_of(usage: object) -> Usage | None:
+    """The counts of a `usage` object, if it has both as whole numbers."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # Whole numbers an integer column holds (bool is an int to Python, not to JSON).
+    if type(prompt) is not int or type(completion) is not int:
+        return None
+    if not (0 <= prompt < 2**31 and 0 <= completion < 2**31):
+        return None
+    return Usage(prompt, completion)
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:
@@ -185,8 +266,8 @@ def _parse_event(data: bytes) -> dict[str, Any]:
     return event
 
 
-async def _log_failure(response: httpx.Response) -> None:
-    """Log the start of an error answer's body at WARNING, its secrets masked."""
+async def _failure_body(response: httpx.Response) -> str:
+    """The start of an error answer's body (for the log only once masked); closes it."""
     raw = b""
     try:
         async for part in response.aiter_bytes():
@@ -195,8 +276,19 @@ async def _log_failure(response: httpx.Response) -> None:
                 break
     except (httpx.TransportError, httpx.StreamError):
         pass  # the status is what matters; the body is only a hint for the operator
-    body = masked(raw[:_READ_ERROR_BYTES].decode("utf-8", "replace"))
-    log.warning("the model server answered HTTP %d: %s", response.status_code, body)
+    finally:
+        await _close(response)
+    return raw[:_READ_ERROR_BYTES].decode("utf-8", "replace")
+
+
+def _refuses_stream_options(status: int, body: str) -> bool:
+    """Whether an error answer reads as a server refusing the stream_options field."""
+    return status in _REFUSAL_STATUSES and "stream_options" in body.lower()
+
+
+async def _close(response: httpx.Response) -> None:
+    await response.aclose()
+    _unbind(response)
 
 
 def masked(text: str) -> str:
