@@ -3,35 +3,37 @@
     DATABASE_URL=postgresql://... python benchmarks/seed_history.py --count 1000000
     python benchmarks/seed_history.py            # no DATABASE_URL: a temporary embedded one
 
-Seeding runs in PostgreSQL (generate_series), in batches of 100,000 rows: prompts and
-responses are drawn from pools of random sentences over a Zipf-like vocabulary of
-pseudo-words (so full-text search meets common, medium and rare words, like real text),
-created_at spreads over the past year, ~5% of conversations are `failed`, and five
-models share them unevenly (50/25/15/8/2%). The table's
-secondary indexes are dropped during the load and rebuilt after it with their exact
-definitions (one index build is far cheaper than a million index insertions), and
-`--jobs` connections (2) insert at once: the generated tsvector column is the cost. The
-`chunks` table is not seeded: ended conversations are read from their `response`.
-Then `--reviews` reviews (default: a tenth of `--count`) and a fifth as many annotations
-are seeded on them (seed_reviews.py), and the `conversation_counts` rollup is rebuilt.
+Seeding runs in PostgreSQL (seed_conversations.py): generate_series in batches of
+100,000 rows, `--jobs` connections (2) at once, the secondary indexes of the seeded
+tables dropped during the load and rebuilt after it. The history looks like production
+for every figure of issue 15: created_at spread over the past year; five models shared
+unevenly (50/25/15/8/2%) over two providers; 91% completed, 5% failed (upstream_timeout,
+upstream_error, storage_unavailable), 2.5% cancelled, 1.5% interrupted; log-normal time to
+first chunk (150-3000 ms) and chunk gaps, so durations vary; 20-120 chunks; token counts,
+~11% of them estimated; and a `deliveries` row per conversation (a second one for
+clients who came back), ~3% of them ended before the final event. The `chunks` table is
+not seeded: ended conversations are read from their `response`. Then `--reviews` reviews
+(default: a tenth of `--count`) and a fifth as many annotations are seeded on them
+(seed_reviews.py), the rollups are rebuilt, and the size of every table is measured.
+Seeding stops adding rows (and goes on to the indexes) when the data folder's disk has
+less than `--min-free-gb` left.
 
 Then, unless `--no-time`, it starts `sse-llm serve` on that database and times each
 request 20 times on a keep-alive connection over loopback (what a client sees; the
 server's own time is this minus ~0.2 ms): the first page, a deep page, a status filter,
 and searches for words from very common to rare, an absent word, a phrase, an
 exclusion and two words. The target (issue 5) is under 50 ms. Results go to
-benchmarks/results/history-<timestamp>.json and .md.
+benchmarks/results/history-<timestamp>.json and .md (history_check.py times every
+page, filter and route of issue 15 by server time).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import http.client
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from seed_conversations import DiskGuard, mark_delivery_cuts, seed, table_sizes, vocabulary
 from seed_reviews import rebuild_counts, seed_reviews
 
 HERE = Path(__file__).resolve().parent
@@ -54,151 +57,7 @@ from tests.support import free_port, wait_until  # noqa: E402
 
 NOT_STARTED = "sse-llm did not start; see results/history-server.log"
 RESULTS = HERE / "results"
-BATCH = 100_000
 TARGET_MS = 50.0
-
-SYLLABLES = [
-    "ka", "lo", "mi", "ren", "tas", "vo", "dun", "pe", "ri", "sol", "ma", "tor", "ni", "gal",
-    "be", "ux", "fen", "dra", "mo", "lis", "quo", "zer", "an", "tel", "vik", "os", "pra",
-    "nu", "hel", "sar",
-]  # fmt: skip
-
-
-def vocabulary(size: int = 50_000) -> list[str]:
-    """Distinct pseudo-words, most frequent first (the seed fixes them, run after run)."""
-    rng = random.Random(5)
-    words: list[str] = []
-    seen: set[str] = set()
-    while len(words) < size:
-        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4)))
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return words
-
-
-def sentences(words: list[str], count: int, low: int, high: int, rng: random.Random) -> list[str]:
-    """`count` texts of `low..high` words; a word's rank is ~ n * random()^3, so a few words
-    are in most texts and most words are rare."""
-    size = len(words)
-    return [
-        " ".join(words[int(size * rng.random() ** 3)] for _ in range(rng.randint(low, high)))
-        for _ in range(count)
-    ]
-
-
-INSERT_SQL = """
-    INSERT INTO conversations
-        (id, prompt, response, status, created_at, first_chunk_at, completed_at,
-         model, provider, chunk_count, error_code, error_message)
-    SELECT gen_random_uuid(),
-           p.text,
-           r1.text || ' ' || r2.text,
-           CASE WHEN g %% 20 = 0 THEN 'failed' ELSE 'completed' END,
-           t.created_at,
-           t.created_at + interval '300 ms',
-           t.created_at + interval '3 s',
-           CASE WHEN g %% 100 < 50 THEN 'gpt-4o-mini' WHEN g %% 100 < 75 THEN 'gpt-4o'
-                WHEN g %% 100 < 90 THEN 'claude-sonnet' WHEN g %% 100 < 98 THEN 'llama-70b'
-                ELSE 'mistral-large' END,
-           'openai', 40 + g %% 60,
-           CASE WHEN g %% 20 = 0 THEN 'upstream_timeout' END,
-           CASE WHEN g %% 20 = 0 THEN 'The model went silent.' END
-    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g
-    JOIN seed_prompts p ON p.n = (g * 7919) %% %(pool)s
-    JOIN seed_responses r1 ON r1.n = (g * 104729) %% %(pool)s
-    JOIN seed_responses r2 ON r2.n = (g * 1299709 + 17) %% %(pool)s
-    CROSS JOIN LATERAL (
-        SELECT now() - (%(count)s - g) * (interval '365 days' / %(count)s)
-               - random() * interval '1 s' AS created_at
-    ) AS t
-"""
-
-
-def seed(database_url: str, count: int, jobs: int, pool: int = 20_000) -> dict[str, Any]:
-    """Insert `count` conversations with `jobs` connections in parallel; returns timings."""
-    words = vocabulary()
-    began = time.monotonic()
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SET maintenance_work_mem = '512MB'")
-        # PostgreSQL 18 builds GIN indexes in parallel too.
-        conn.execute(f"SET max_parallel_maintenance_workers = {max(0, jobs - 1)}")
-        # Pools of texts made here and combined in SQL: rows get varied text for the
-        # cost of 40,000 sentences, not a million.
-        rng = random.Random(1)
-        for name, low, high in (("seed_prompts", 6, 15), ("seed_responses", 25, 55)):
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
-            conn.execute(f"CREATE UNLOGGED TABLE {name} (n integer PRIMARY KEY, text text)")
-            with conn.cursor().copy(f"COPY {name} (n, text) FROM STDIN") as copy:
-                for n, text in enumerate(sentences(words, pool, low, high, rng)):
-                    copy.write_row((n, text))
-        indexes = conn.execute(
-            """
-            SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
-            FROM pg_index i
-            WHERE i.indrelid = 'conversations'::regclass AND NOT i.indisprimary
-            """
-        ).fetchall()
-        # The statistics targets of expression indexes (the search's: migration 0015),
-        # which their definitions do not carry.
-        targets = conn.execute(
-            """
-            SELECT format('ALTER INDEX %s ALTER COLUMN %s SET STATISTICS %s',
-                          a.attrelid::regclass, a.attnum, a.attstattarget)
-            FROM pg_attribute a JOIN pg_index i ON i.indexrelid = a.attrelid
-            WHERE i.indrelid = 'conversations'::regclass AND a.attstattarget > 0
-            """
-        ).fetchall()
-        for name, _ in indexes:
-            conn.execute(f"DROP INDEX {name}")  # rebuilt below with the same definition
-        pools_done = time.monotonic()
-        try:
-            batches = [(first, min(count, first + BATCH) - 1) for first in range(0, count, BATCH)]
-            with concurrent.futures.ThreadPoolExecutor(jobs) as executor:
-                work = [
-                    executor.submit(insert_batches, database_url, batches[job::jobs], pool, count)
-                    for job in range(jobs)
-                ]
-                for future in work:
-                    future.result()
-        finally:
-            inserted = time.monotonic()
-            for name, definition in indexes:
-                print(f"  rebuilding {name}", flush=True)
-                conn.execute(definition)
-            for (target,) in targets:
-                conn.execute(target)
-            conn.execute("DROP TABLE IF EXISTS seed_prompts, seed_responses")
-        conn.execute("ANALYZE conversations")
-        total = conn.execute("SELECT count(*) FROM conversations").fetchone()
-        size = conn.execute(
-            "SELECT pg_size_pretty(pg_total_relation_size('conversations'))"
-        ).fetchone()
-    finished = time.monotonic()
-    return {
-        "rows_seeded": count,
-        "rows_total": total[0] if total else None,
-        "table_size": size[0] if size else None,
-        "seconds_pools": round(pools_done - began, 1),
-        "seconds_insert": round(inserted - pools_done, 1),
-        "seconds_indexes": round(finished - inserted, 1),
-        "seconds_total": round(finished - began, 1),
-    }
-
-
-def insert_batches(
-    database_url: str, batches: list[tuple[int, int]], pool: int, count: int
-) -> None:
-    """One connection's share of the batches, each its own transaction."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SET synchronous_commit = off")
-        for first, last in batches:
-            conn.execute(
-                INSERT_SQL,  # type: ignore[arg-type]
-                {"first": first, "last": last, "pool": pool, "count": count},
-            )
-            print(f"  rows {first + 1:,}..{last + 1:,} of {count:,}", flush=True)
-
 
 # Vocabulary ranks of the searched words and, with 50,000 words drawn as n * random()^3
 # into ~80-word texts, roughly the share of conversations each one matches.
@@ -321,7 +180,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"| `{timing['path']}` ({timing['query']}) | {timing['items']} | {timing['p50_ms']}"
             f" | {timing['max_ms']} | {'yes' if timing['under_target'] else 'NO'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + size_lines(report["sizes"], seeded["rows_total"])) + "\n"
+
+
+def size_lines(sizes: dict[str, dict[str, int]], conversations: int) -> list[str]:
+    """The on-disk size table: per table, heap, TOAST and indexes, and bytes per conversation."""
+    mib = 1024 * 1024
+    lines = [
+        "",
+        "| table | rows | heap MiB | TOAST MiB | indexes MiB | total MiB | B/conversation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, size in sizes.items():
+        lines.append(
+            f"| {name} | {size['rows']:,} | {size['heap'] / mib:,.0f} | {size['toast'] / mib:,.0f}"
+            f" | {size['indexes'] / mib:,.0f} | {size['total'] / mib:,.0f}"
+            f" | {size['total'] / max(1, conversations):,.0f} |"
+        )
+    total = sum(size["total"] for size in sizes.values())
+    lines.append(f"| all | | | | | {total / mib:,.0f} | {total / max(1, conversations):,.0f} |")
+    return lines
 
 
 def main() -> int:
@@ -335,9 +213,15 @@ def main() -> int:
     parser.add_argument(
         "--reviews", type=int, help="reviews to seed (default: count / 10; with --no-seed, none)"
     )
+    parser.add_argument(
+        "--min-free-gb", type=float, default=8.0,
+        help="stop adding rows when the data folder's disk has less free (GB)",
+    )  # fmt: skip
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = datetime.now(UTC)
+    began = time.monotonic()
+    folder = ""
     with contextlib.ExitStack() as stack:
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
@@ -361,20 +245,28 @@ def main() -> int:
             }  # fmt: skip
         else:
             print(f"seeding {args.count:,} conversations ...", flush=True)
-            seeded = seed(database_url, args.count, args.jobs)
+            guard = DiskGuard(Path(folder) if not os.environ.get("DATABASE_URL") else None,
+                              args.min_free_gb)  # fmt: skip
+            seeded = seed(database_url, args.count, args.jobs, guard)
             with psycopg.connect(database_url, autocommit=True) as conn:
                 rebuild_counts(conn)
+        # Also on an existing history: one seeded before migration 0014 has no flag yet.
+        seeded["delivery_cuts_marked"] = mark_delivery_cuts(database_url)
         reviews = args.reviews
         if reviews is None:
             reviews = 0 if args.no_seed else args.count // 10
         if reviews:
             print(f"seeding {reviews:,} reviews ...", flush=True)
             seeded["reviews"] = seed_reviews(database_url, reviews)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("ANALYZE")  # the row estimates of the size table
+        seeded["seconds_with_reviews"] = round(time.monotonic() - began, 1)
         report: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"),
             "seed": seeded,
             "repeat": args.repeat,
             "matches": match_counts(database_url, words),
+            "sizes": table_sizes(database_url),
         }
         if not args.no_time:
             with sse_llm_server(database_url) as port:
