@@ -58,9 +58,37 @@ def new_conversation(owner_id: UUID, prompt: str = "a prompt") -> NewConversatio
 
 
 async def settle_as_another_process(database_url: str, conversation_id: UUID) -> None:
-    """Mark a conversation `interrupted` the way a process settling another's streams does:
-    lock the row, then assemble its response from the chunks committed by then."""
+    """Mark a conversation `interrupted` the way a process settling another's streams does
+    (store._settle): take its owner's fence lock exclusively, which a settler gets only once
+    the owner's writer connection is gone (cut here, as a restart or an outage would), lock
+    the row, then assemble its response from the chunks committed by then.
+
+    Without the fence this would settle while the writer still inserts: a chunk committed
+    after the settle's snapshot would reach the clients and not the stored response, an
+    interleaving the real settler rules out (and that a slower UPDATE made common)."""
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT owner_id::text FROM conversations WHERE id = %s", (conversation_id,)
+        )
+        owner = (await cursor.fetchone() or (None,))[0]
+        fence = (FENCE_LOCK_NAMESPACE, owner)
+        for _ in range(200):
+            await conn.execute(
+                """
+                SELECT pg_terminate_backend(pid) FROM pg_locks
+                WHERE locktype = 'advisory' AND classid = %s AND objid = hashtext(%s)::oid
+                  AND objsubid = 2 AND pid <> pg_backend_pid()
+                """,
+                fence,
+            )
+            await conn.commit()
+            cursor = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", fence)
+            if (await cursor.fetchone()) == (True,):
+                break
+            await conn.rollback()
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the owner's fence lock was never free")
         await conn.execute(
             "SELECT id FROM conversations WHERE id = %s AND status = 'streaming' FOR UPDATE",
             (conversation_id,),
