@@ -9,6 +9,7 @@ DROP FUNCTION rebuild_review_counts();
 DROP FUNCTION fold_review_counts();
 DROP FUNCTION add_review_counts(review_summaries[], review_summaries[]);
 DROP FUNCTION review_summary_of_conversation();
+DROP TABLE review_counts_daily;
 DROP TABLE review_counts;
 ALTER TABLE review_summaries DROP COLUMN model, DROP COLUMN provider, DROP COLUMN status;
 

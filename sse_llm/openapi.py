@@ -26,6 +26,8 @@ from sse_llm.contract import (
     Verdict,
 )
 from sse_llm.service import service_of
+from sse_llm.stats_queries import MAX_BUCKETS as MAX_STATS_BUCKETS
+from sse_llm.stats_queries import SAMPLE_SIZE as STATS_SAMPLE_SIZE
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -255,6 +257,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             }
         },
         "/agreement": _AGREEMENT_PATH,
+        "/stats": _STATS_PATH,
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streamed or not",
@@ -925,6 +928,110 @@ _AGREEMENT_PATH = {
             "401": _error("The API key is missing or wrong."),
             "422": _error("A filter or a reviewer name is invalid."),
             "503": _UNAVAILABLE,
+        },
+    }
+}
+
+
+# GET /stats (SPEC 10): the history's figures by bucket, from the rollups (migration 0013).
+_PERCENTILES = {
+    "type": "object",
+    "required": ["p50", "p95"],
+    "additionalProperties": False,
+    "properties": {
+        "p50": {"type": ["number", "null"], "minimum": 0},
+        "p95": {"type": ["number", "null"], "minimum": 0},
+    },
+}
+_COUNT = {"type": "integer"}
+_STATS_FIGURES: dict[str, Any] = {
+    "conversations": _COUNT,
+    "by_status": {
+        "type": "object",
+        "required": list(Status),
+        "additionalProperties": False,
+        "properties": {status: _COUNT for status in Status},
+    },
+    "errors": {"type": "object", "additionalProperties": _COUNT},
+    "ttfc_ms": _PERCENTILES,
+    "duration_ms": _PERCENTILES,
+    "chunks": {
+        "type": "object",
+        "required": ["mean"],
+        "additionalProperties": False,
+        "properties": {"mean": {"type": ["number", "null"]}},
+    },
+    "tokens": {
+        "type": "object",
+        "required": ["prompt", "completion", "estimated"],
+        "additionalProperties": False,
+        "properties": {"prompt": _COUNT, "completion": _COUNT, "estimated": _COUNT},
+    },
+    "reviews": {
+        "type": "object",
+        "required": ["reviewed", "good", "bad", "unsure"],
+        "additionalProperties": False,
+        "properties": {name: _COUNT for name in ("reviewed", "good", "bad", "unsure")},
+    },
+}
+_SCHEMAS["StatsFigures"] = {
+    "type": "object",
+    "required": list(_STATS_FIGURES),
+    "additionalProperties": False,
+    "properties": _STATS_FIGURES,
+}
+_SCHEMAS["StatsBucket"] = {
+    "type": "object",
+    "required": ["start", *_STATS_FIGURES],
+    "additionalProperties": False,
+    "properties": {"start": {"type": "string", "format": "date-time"}, **_STATS_FIGURES},
+}
+_SCHEMAS["Stats"] = {
+    "type": "object",
+    "required": ["buckets", "totals", "estimate"],
+    "additionalProperties": False,
+    "properties": {
+        "buckets": {
+            "type": "array",
+            "maxItems": MAX_STATS_BUCKETS,
+            "items": {"$ref": "#/components/schemas/StatsBucket"},
+        },
+        "totals": {"$ref": "#/components/schemas/StatsFigures"},
+        "estimate": {"type": "boolean"},
+    },
+}
+_STATS_PATH = {
+    "get": {
+        "summary": "Conversations, statuses, errors, timings, chunks, tokens and reviews by bucket",
+        "description": (
+            "UTC buckets from `from` (default: 7 days before `to` by hour, 90 by day) to"
+            " `to` (default: now), widened to whole buckets; at most"
+            f" {MAX_STATS_BUCKETS:,}. Figures come from rollups when the filter is only"
+            " status, model and time; any other filter is computed over the newest"
+            f" {STATS_SAMPLE_SIZE:,} matching conversations and `estimate` is true."
+            " Percentiles are within 9.05% (log-spaced histogram bins)."
+        ),
+        "parameters": [
+            _query("bucket", {"enum": ["hour", "day", ""]}, "Bucket width (default hour)."),
+            _query(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": _NO_NUL},
+                'Web search syntax: words, "phrases", -excluded, or (an estimate).',
+            ),
+            _query("status", {"enum": [*Status, ""]}, "Only this status; empty means any."),
+            *_HISTORY_FILTERS,
+        ],
+        "responses": {
+            "200": _json("Stats", "The figures per bucket and in total."),
+            "401": _error("The API key is missing or wrong."),
+            "422": _error(
+                "A parameter is invalid (the message names it), `from` is later than `to`,"
+                f" or the range holds more than {MAX_STATS_BUCKETS:,} buckets."
+            ),
+            "503": _error(
+                "The database is unavailable, the query ran past SSE_LLM_QUERY_TIMEOUT"
+                " (`query_timeout`), or too many are running (`too_many_queries`)."
+            ),
         },
     }
 }

@@ -566,9 +566,7 @@ async def fold_counts(pool: AsyncConnectionPool) -> int:
         moved = cursor.rowcount
         # The /stats rollups (migration 0013): past hours' rows into writer 0 and the
         # daily table; the review counts' per-backend rows into writer 0.
-        cursor = await conn.execute(
-            "SELECT fold_conversation_stats() + fold_review_counts()"
-        )
+        cursor = await conn.execute("SELECT fold_conversation_stats() + fold_review_counts()")
         row = await cursor.fetchone()
         return moved + (int(row[0]) if row else 0)
 
