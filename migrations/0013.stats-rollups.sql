@@ -28,33 +28,20 @@
 -- nothing in a transaction that ran SET LOCAL sse_llm.keep_rollups = 'on'.
 -- depends: 0012.usage-and-deliveries
 
+-- Its argument is named once, so the planner inlines it (a call per row cost a writer
+-- batch more than the rest of its triggers, measured); under 1 ms the floor is <= 0.
 CREATE FUNCTION stats_bin(milliseconds double precision) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN milliseconds < 1 THEN 0
-            ELSE least(floor(4 * ln(milliseconds) / ln(2::double precision))::integer + 1, 89)
-       END;
+RETURN greatest(0, least(
+    floor(4 * ln(greatest(milliseconds, 0.001)) / ln(2::double precision))::integer + 1, 89));
 
--- One conversation's share of the figures, with a sign (+1 added, -1 taken away).
+-- One conversation's share of the figures, with a sign (+1 added, -1 taken away):
+-- conversation_stats_delta(), below, and the triggers compute it.
 CREATE TYPE conversation_stats_delta AS (
     bucket timestamptz, model text, provider text, status text, error_code text,
     writer uuid, sign integer, ended boolean, chunks integer, prompt_tokens integer,
     completion_tokens integer, tokens_estimated boolean, ttfc_bin integer, duration_bin integer
 );
-
-CREATE FUNCTION conversation_stats_delta(c conversations, sign integer, writer uuid)
-RETURNS conversation_stats_delta LANGUAGE sql STABLE
-RETURN ROW(
-    date_trunc('hour', c.created_at, 'UTC'), c.model, c.provider, c.status,
-    coalesce(c.error_code, ''), writer, sign, c.status <> 'streaming',
-    CASE WHEN c.status <> 'streaming' THEN c.chunk_count END,
-    CASE WHEN c.status <> 'streaming' THEN c.prompt_tokens END,
-    CASE WHEN c.status <> 'streaming' THEN c.completion_tokens END,
-    c.status <> 'streaming' AND c.tokens_estimated,
-    CASE WHEN c.status <> 'streaming' AND c.first_chunk_at IS NOT NULL
-         THEN stats_bin(extract(epoch FROM c.first_chunk_at - c.created_at)::float8 * 1000) END,
-    CASE WHEN c.status <> 'streaming' AND c.completed_at IS NOT NULL
-         THEN stats_bin(extract(epoch FROM c.completed_at - c.created_at)::float8 * 1000) END
-)::conversation_stats_delta;
 
 -- The tables and the functions that name every bin column are written by this block,
 -- from the one bin count, so the 180 columns cannot drift apart.
@@ -108,21 +95,48 @@ BEGIN
             PRIMARY KEY (bucket, model, provider, status, error_code))$$,
         figures, definitions);
 
-    -- Adds signed deltas (any number, any keys) to conversation_stats.
-    EXECUTE format($$
+    -- The statements that add signed deltas (any number, any keys) from {source}: the
+    -- short one when no delta is of an ended conversation (a batch of creations), the
+    -- long one with the bins (its cost is the executor's setup of ~1,300 expressions).
+    CREATE TEMPORARY TABLE stats_statements (light text, wide text) ON COMMIT DROP;
+    INSERT INTO stats_statements VALUES (
+        format($$
+            INSERT INTO conversation_stats AS s (%1$s, writer, %2$s)
+            SELECT %1$s, writer, sum(sign), 0, 0, 0, 0, 0
+            FROM {source}
+            GROUP BY %1$s, writer ORDER BY %1$s, writer
+            ON CONFLICT (%1$s, writer)
+            DO UPDATE SET conversations = s.conversations + excluded.conversations$$,
+            key, figure_names),
+        format($$
+            INSERT INTO conversation_stats AS s (%1$s, writer, %2$s, %3$s)
+            SELECT %1$s, writer, sum(sign), coalesce(sum(sign) FILTER (WHERE ended), 0),
+                   coalesce(sum(chunks), 0), coalesce(sum(prompt_tokens), 0),
+                   coalesce(sum(completion_tokens), 0),
+                   coalesce(sum(sign) FILTER (WHERE tokens_estimated), 0), %4$s
+            FROM (SELECT %1$s, writer, ended, tokens_estimated, ttfc_bin, duration_bin,
+                         sum(sign) AS sign, sum(sign * chunks) AS chunks,
+                         sum(sign * prompt_tokens) AS prompt_tokens,
+                         sum(sign * completion_tokens) AS completion_tokens
+                  FROM {source}
+                  GROUP BY %1$s, writer, ended, tokens_estimated, ttfc_bin, duration_bin) AS d
+            GROUP BY %1$s, writer ORDER BY %1$s, writer
+            ON CONFLICT (%1$s, writer) DO UPDATE SET %5$s, %6$s$$,
+            key, figure_names, names, pivots, figure_additions, additions));
+
+    EXECUTE (SELECT format($$
         CREATE FUNCTION add_conversation_stats(deltas conversation_stats_delta[])
         RETURNS void LANGUAGE plpgsql AS $body$
         BEGIN
-            INSERT INTO conversation_stats AS s (%1$s, writer, %2$s, %3$s)
-            SELECT %1$s, writer, sum(sign), coalesce(sum(sign) FILTER (WHERE ended), 0),
-                   coalesce(sum(sign * chunks), 0), coalesce(sum(sign * prompt_tokens), 0),
-                   coalesce(sum(sign * completion_tokens), 0),
-                   coalesce(sum(sign) FILTER (WHERE tokens_estimated), 0), %4$s
-            FROM unnest(deltas)
-            GROUP BY %1$s, writer ORDER BY %1$s, writer
-            ON CONFLICT (%1$s, writer) DO UPDATE SET %5$s, %6$s;
+            IF NOT EXISTS (SELECT 1 FROM unnest(deltas) WHERE ended) THEN
+                %s;
+            ELSE
+                %s;
+            END IF;
         END
-        $body$ $$, key, figure_names, names, pivots, figure_additions, additions);
+        $body$ $$, replace(light, '{source}', 'unnest(deltas)'),
+                   replace(wide, '{source}', 'unnest(deltas)'))
+        FROM stats_statements);
 
     -- Merges other writers' rows of past hours into writer 0 and into the daily table;
     -- returns the rows merged.
@@ -186,65 +200,116 @@ CREATE INDEX conversation_stats_unfolded_idx ON conversation_stats (bucket)
     WHERE writer <> '00000000-0000-0000-0000-000000000000';
 
 -- The triggers. Changes by a row with no owner go to writer ...01 (never 0: writer 0 is
--- what the daily table already holds).
-CREATE FUNCTION stats_created_conversations() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM add_conversation_stats(ARRAY(
-        SELECT conversation_stats_delta(n::conversations, 1,
-                   coalesce(n.owner_id, '00000000-0000-0000-0000-000000000001'))
-        FROM new_rows n));
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION stats_changed_conversations() RETURNS trigger LANGUAGE plpgsql AS $$
+-- what the daily table already holds). Each trigger is one statement over its transition
+-- tables, the row's delta written out inline: a function call per row, or deltas passed
+-- as an array to add_conversation_stats(), cost a writer batch twice as much (measured).
+DO $triggers$
 DECLARE
-    deltas conversation_stats_delta[];
+    delta text := $delta$
+        date_trunc('hour', {row}.created_at, 'UTC') AS bucket, {row}.model AS model,
+        {row}.provider AS provider, {row}.status AS status,
+        coalesce({row}.error_code, '') AS error_code, {writer} AS writer, {sign} AS sign,
+        {row}.status <> 'streaming' AS ended,
+        CASE WHEN {row}.status <> 'streaming' THEN {row}.chunk_count END AS chunks,
+        CASE WHEN {row}.status <> 'streaming' THEN {row}.prompt_tokens END AS prompt_tokens,
+        CASE WHEN {row}.status <> 'streaming' THEN {row}.completion_tokens END
+            AS completion_tokens,
+        {row}.status <> 'streaming' AND {row}.tokens_estimated AS tokens_estimated,
+        CASE WHEN {row}.status <> 'streaming' AND {row}.first_chunk_at IS NOT NULL
+             THEN stats_bin(extract(epoch FROM {row}.first_chunk_at - {row}.created_at)::float8
+                            * 1000) END AS ttfc_bin,
+        CASE WHEN {row}.status <> 'streaming' AND {row}.completed_at IS NOT NULL
+             THEN stats_bin(extract(epoch FROM {row}.completed_at - {row}.created_at)::float8
+                            * 1000) END AS duration_bin$delta$;
+    ownerless text := $$coalesce(%s.owner_id, '00000000-0000-0000-0000-000000000001')$$;
+    created text := replace(replace(replace(delta, '{row}', 'n'), '{sign}', '1'),
+                            '{writer}', format(ownerless, 'n'));
+    taken text := replace(replace(replace(delta, '{row}', 'o'), '{sign}', '-1'),
+                          '{writer}', format(ownerless, 'o'));
+    -- A change counts for the writer that owned the row before it (an end clears owner_id).
+    changed text := replace(replace(replace(delta, '{row}', 'n'), '{sign}', '1'),
+                            '{writer}', format(ownerless, 'o'));
+    -- Most updates (a cancel request, a compaction) change no counted column.
+    differs text := $$(o.status, o.model, o.provider, o.error_code, o.created_at,
+                       o.first_chunk_at, o.completed_at, o.chunk_count, o.prompt_tokens,
+                       o.completion_tokens, o.tokens_estimated)
+                      IS DISTINCT FROM
+                      (n.status, n.model, n.provider, n.error_code, n.created_at,
+                       n.first_chunk_at, n.completed_at, n.chunk_count, n.prompt_tokens,
+                       n.completion_tokens, n.tokens_estimated)$$;
+    light text;
+    wide text;
+    source text;
 BEGIN
-    deltas := ARRAY(
-        SELECT v.d
-        FROM old_rows o JOIN new_rows n USING (id)
-        CROSS JOIN LATERAL (VALUES
-            (conversation_stats_delta(o::conversations, -1,
-                 coalesce(o.owner_id, '00000000-0000-0000-0000-000000000001'))),
-            (conversation_stats_delta(n::conversations, 1,
-                 coalesce(o.owner_id, '00000000-0000-0000-0000-000000000001')))) AS v(d)
-        -- Most updates (a chunk count while streaming, a cancel request) change no figure.
-        WHERE conversation_stats_delta(o::conversations, 1, NULL) IS DISTINCT FROM
-              conversation_stats_delta(n::conversations, 1, NULL));
-    IF cardinality(deltas) > 0 THEN
-        PERFORM add_conversation_stats(deltas);
-        -- A reviewed conversation's review figures move with its status (rare: reviews
-        -- of streaming conversations, repairs): one primary-key probe per changed row.
-        IF EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o USING (id)
-                   CROSS JOIN LATERAL (SELECT 1 FROM review_summaries s
-                                       WHERE s.conversation_id = n.id) AS r
-                   WHERE (o.status, o.model, o.provider)
-                         IS DISTINCT FROM (n.status, n.model, n.provider)) THEN
-            UPDATE review_summaries s
-            SET status = n.status, model = n.model, provider = n.provider
-            FROM new_rows n
-            WHERE s.conversation_id = n.id
-              AND (s.status, s.model, s.provider)
-                  IS DISTINCT FROM (n.status, n.model, n.provider);
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$$;
+    SELECT s.light, s.wide INTO light, wide FROM stats_statements s;
 
-CREATE FUNCTION stats_deleted_conversations() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF current_setting('sse_llm.keep_rollups', true) = 'on' THEN
-        RETURN NULL;  -- pruning: the pruned periods keep their figures
-    END IF;
-    PERFORM add_conversation_stats(ARRAY(
-        SELECT conversation_stats_delta(o::conversations, -1,
-                   coalesce(o.owner_id, '00000000-0000-0000-0000-000000000001'))
-        FROM old_rows o));
-    RETURN NULL;
+    -- The same delta as a function, for rebuild_conversation_stats().
+    EXECUTE format($$
+        CREATE FUNCTION conversation_stats_delta(c conversations, sign integer, writer uuid)
+        RETURNS conversation_stats_delta LANGUAGE sql STABLE
+        RETURN ROW(%s)::conversation_stats_delta$$,
+        regexp_replace(replace(replace(replace(delta, '{row}', 'c'), '{sign}', 'sign'),
+                               '{writer}', 'writer'), '\s+AS [a-z_]+', '', 'g'));
+
+    source := format('(SELECT %s FROM new_rows n) AS each', created);
+    EXECUTE format($$
+        CREATE FUNCTION stats_created_conversations() RETURNS trigger LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM new_rows WHERE status <> 'streaming') THEN
+                %s;
+            ELSE
+                %s;
+            END IF;
+            RETURN NULL;
+        END
+        $body$ $$, replace(wide, '{source}', source), replace(light, '{source}', source));
+
+    source := format($$(SELECT %s FROM old_rows o JOIN new_rows n USING (id) WHERE %s
+                        UNION ALL
+                        SELECT %s FROM old_rows o JOIN new_rows n USING (id) WHERE %s) AS each$$,
+                     taken, differs, changed, differs);
+    EXECUTE format($$
+        CREATE FUNCTION stats_changed_conversations() RETURNS trigger LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM old_rows o JOIN new_rows n USING (id) WHERE %s) THEN
+                RETURN NULL;
+            END IF;
+            %s;
+            -- A reviewed conversation's review figures move with its status (rare:
+            -- reviews of streaming conversations, repairs): a key probe per change.
+            IF EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o USING (id)
+                       CROSS JOIN LATERAL (SELECT 1 FROM review_summaries s
+                                           WHERE s.conversation_id = n.id) AS r
+                       WHERE (o.status, o.model, o.provider)
+                             IS DISTINCT FROM (n.status, n.model, n.provider)) THEN
+                UPDATE review_summaries s
+                SET status = n.status, model = n.model, provider = n.provider
+                FROM new_rows n
+                WHERE s.conversation_id = n.id
+                  AND (s.status, s.model, s.provider)
+                      IS DISTINCT FROM (n.status, n.model, n.provider);
+            END IF;
+            RETURN NULL;
+        END
+        $body$ $$, differs, replace(wide, '{source}', source));
+
+    source := format('(SELECT %s FROM old_rows o) AS each', taken);
+    EXECUTE format($$
+        CREATE FUNCTION stats_deleted_conversations() RETURNS trigger LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF current_setting('sse_llm.keep_rollups', true) = 'on' THEN
+                RETURN NULL;  -- pruning: the pruned periods keep their figures
+            END IF;
+            IF EXISTS (SELECT 1 FROM old_rows WHERE status <> 'streaming') THEN
+                %s;
+            ELSE
+                %s;
+            END IF;
+            RETURN NULL;
+        END
+        $body$ $$, replace(wide, '{source}', source), replace(light, '{source}', source));
 END
-$$;
+$triggers$;
 
 CREATE TRIGGER conversations_stats_on_insert AFTER INSERT ON conversations
     REFERENCING NEW TABLE AS new_rows
@@ -424,5 +489,9 @@ $$;
 
 -- What is there already: no write may land between the backfill and this commit.
 LOCK TABLE conversations, reviews, review_summaries IN SHARE MODE;
-SELECT rebuild_conversation_stats();
-SELECT rebuild_review_counts();
+DO $$
+BEGIN
+    PERFORM rebuild_conversation_stats();
+    PERFORM rebuild_review_counts();
+END
+$$;
