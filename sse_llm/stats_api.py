@@ -38,7 +38,12 @@ async def stats(request: Request) -> Response:
     """GET /stats: conversations, statuses, errors, timings, chunks, tokens and reviews."""
     size = bucket_size(request)
     chosen = parse_filter(request.query_params, strict=True)
-    start, end = stats_queries.stats_range(size, chosen.from_, chosen.to, datetime.now(UTC))
+    try:
+        start, end = stats_queries.stats_range(size, chosen.from_, chosen.to, datetime.now(UTC))
+    except OverflowError:  # a range reaching past year 1 or 9999
+        raise ApiError(
+            422, ErrorCode.VALIDATION_ERROR, "from: the range must lie within years 1..9999."
+        ) from None
     if stats_queries.bucket_count(size, start, end) > MAX_BUCKETS:
         raise ApiError(
             422,

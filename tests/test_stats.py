@@ -238,6 +238,8 @@ async def test_the_sample_is_bounded_to_the_newest_matches(
         ({"from": "2026-01-01T00:00:00Z", "to": "2026-04-01T00:00:00Z"}, "from"),  # 2,160 h
         ({"bucket": "day", "from": "2010-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "from"),
         ({"reviewed": "maybe"}, "reviewed"),
+        ({"to": "0001-01-02T00:00:00Z"}, "from"),  # 7 days before it: before year 1
+        ({"from": "9999-12-31T23:30:00Z", "to": "9999-12-31T23:59:00Z"}, "from"),
     ],
 )
 def test_bad_parameters_are_422s_naming_the_field(
