@@ -44,9 +44,3 @@ ON CONFLICT DO NOTHING;
 
 DROP TABLE chunk_layouts;
 
-DROP INDEX conversations_search_idx;
-ALTER TABLE conversations ADD COLUMN search tsvector GENERATED ALWAYS AS (
-    to_tsvector('english'::regconfig, left(prompt, 100000) || ' ' || left(response, 400000))
-) STORED;
-ALTER TABLE conversations ALTER COLUMN search SET STATISTICS 10000;
-CREATE INDEX conversations_search_idx ON conversations USING gin (search);

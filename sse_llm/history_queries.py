@@ -285,57 +285,15 @@ async def _newest_window(
     outer, outer_params = history_filters.condition(
         replace(chosen, status=None, model=None, from_=None, to=None, delivered=None)
     )
-    if chosen.q:
-        return await _newest_window_searched(
-            conn, inner, keyset, outer, params | inner_params | outer_params
-        )
     statement = sql.SQL("""
         SELECT c.id, c.created_at FROM (
-            SELECT c.id, c.created_at, c.prompt, c.response FROM conversations c
-            WHERE {inner} AND {keyset}
+            SELECT c.id, c.created_at, c.search FROM conversations c WHERE {inner} AND {keyset}
             ORDER BY c.created_at DESC, c.id DESC LIMIT %(window)s
         ) AS c
         WHERE {outer}
         ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
     """).format(inner=inner, keyset=keyset, outer=outer)
     return await _fetch(conn, statement, params | inner_params | outer_params)
-
-
-async def _newest_window_searched(
-    conn: AsyncConnection,
-    inner: sql.Composable,
-    keyset: sql.Composable,
-    outer: sql.Composable,
-    params: dict[str, Any],
-) -> _Ids:
-    """_newest_window with a search: the window as a range, the search beside it.
-
-    No vector is stored (migration 0015): testing a row against the search recomputes its
-    vector (~50 µs), 2,000 of them for a rare word. As a range of the (created_at, id)
-    order, the window leaves the planner the choice: a rare word's few hits from the
-    full-text index, or a common word's page from the newest rows, tested in turn.
-    """
-    floor = sql.SQL("""
-        SELECT c.created_at, c.id FROM conversations c WHERE {inner} AND {keyset}
-        ORDER BY c.created_at DESC, c.id DESC OFFSET %(window)s - 1 LIMIT 1
-    """).format(inner=inner, keyset=keyset)
-    cursor = await conn.execute(floor, params)
-    oldest = await cursor.fetchone()
-    window: sql.Composable = sql.SQL("TRUE")
-    if oldest is not None:  # else fewer rows than the window: all of them
-        window = sql.SQL(
-            "c.created_at >= %(floor_at)s AND (c.created_at, c.id) >= (%(floor_at)s, %(floor_id)s)"
-        )
-        params = params | {"floor_at": oldest[0], "floor_id": oldest[1]}
-    statement = sql.SQL("""
-        SELECT c.id, c.created_at FROM conversations c
-        WHERE {inner} AND {keyset} AND {window} AND {outer}
-        ORDER BY c.created_at DESC, c.id DESC LIMIT %(limit)s OFFSET %(offset)s
-    """).format(inner=inner, keyset=keyset, window=window, outer=outer)
-    async with conn.transaction():
-        # Planned for this very search (its words' frequencies), never a generic plan.
-        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        return await _fetch(conn, statement, params)
 
 
 def _review_driver(
