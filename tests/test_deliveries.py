@@ -264,6 +264,12 @@ def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
         on_survivor = BackgroundStream(survivor.url, "still streaming")
         on_doomed.wait_chunks(3)
         on_survivor.wait_chunks(3)
+        # Opens are written in the writer's next gathering (up to 0.25 s later): a process
+        # killed before that leaves no row at all. Kill it once its open is on disk.
+        with httpx.Client(base_url=sweeper.url, timeout=30) as client:
+            for stream in (on_doomed, on_survivor):
+                url = f"/conversations/{stream.conversation_id}/deliveries"
+                wait_until(lambda u=url: client.get(u).json()["items"], 10, message="no open row")
         doomed.signal(signal.SIGKILL)
         doomed.wait(10)
         with httpx.Client(base_url=sweeper.url, timeout=30) as client:
