@@ -454,7 +454,10 @@ def test_over_the_cap_an_export_is_a_429_with_retry_after_until_one_ends(
     model, _ = many
     with httpx.Client(base_url=one_export_server.url, timeout=30) as client:
         with client.stream("GET", "/export", params={"model": model}) as slow:
-            next(slow.iter_bytes())
+            # Kept: a body iterator dropped at once closes the response (GeneratorExit), and
+            # with it the export whose slot this test needs held.
+            body = slow.iter_bytes()
+            next(body)
             refused = client.get("/export", params={"model": "nothing-matches"})
             assert refused.status_code == 429
             assert refused.json()["error"]["code"] == "too_many_exports"
@@ -488,8 +491,12 @@ def test_exports_leave_streams_and_history_reads_alone(
     with httpx.Client(base_url=demo_server.url, timeout=30) as client:
         streams = [client.stream("GET", "/export", params={"model": model}) for _ in range(2)]
         try:
-            for stalled in streams:
-                next(stalled.__enter__().iter_bytes())
+            bodies = [stalled.__enter__().iter_bytes() for stalled in streams]
+            for body in bodies:  # kept: a dropped iterator closes its download
+                next(body)
+            # Both hold their slot: the cap is reached.
+            refused = client.get("/export", params={"model": "nothing-matches"})
+            assert refused.status_code == 429
             started = time.monotonic()
             assert client.get("/history", params={"limit": 5}).status_code == 200
             created = client.post("/stream", json={"prompt": "while exports stall"})
