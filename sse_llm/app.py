@@ -146,7 +146,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_interval=settings.lease_interval,
     )
     broadcast.start()
-    compactor = Compactor(pool, settings.compaction_interval, settings.compaction_batch)
+    compactor = Compactor(pool, settings.compaction_interval, settings.compaction_batch, writer.lag)
     compactor.start()
     service = Service(
         **vars(base),

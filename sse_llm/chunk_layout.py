@@ -27,16 +27,16 @@ class LaidOutChunk:
     milliseconds: int
 
 
-def encode(texts: Sequence[str], milliseconds: Sequence[float]) -> bytes:
-    """The layout of chunks 1..n with these texts, at these times (ms after created_at)."""
+def encode(lengths: Sequence[int], milliseconds: Sequence[int]) -> bytes:
+    """The layout of chunks 1..n of these lengths (characters), at these times (whole ms
+    after created_at)."""
     out = bytearray([COMPACT])
     previous = 0
-    for text, at in zip(texts, milliseconds, strict=True):
-        whole = round(at)
-        _put(out, len(text))
-        delta = whole - previous
+    for length, at in zip(lengths, milliseconds, strict=True):
+        _put(out, length)
+        delta = at - previous
         _put(out, delta * 2 if delta >= 0 else -delta * 2 - 1)
-        previous = whole
+        previous = at
     return bytes(out)
 
 

@@ -4,7 +4,7 @@ A chunk row costs ~127 bytes on disk for ~7 characters of text; once a conversat
 ended, its text is all in `response`, and its chunks need only their boundaries and
 times (sse_llm/chunk_layout.py, ~2 bytes a chunk). So each process runs a `Compactor`:
 every `SSE_LLM_COMPACTION_INTERVAL` seconds (5; 0: never) one batch, in ONE transaction,
-  1. locks up to `SSE_LLM_COMPACTION_BATCH` (200) ended, uncompacted conversations
+  1. locks up to `SSE_LLM_COMPACTION_BATCH` (50) ended, uncompacted conversations
      (`FOR NO KEY UPDATE SKIP LOCKED`: replicas take disjoint batches and never wait
      for each other; the lock does not conflict with a review's foreign-key check),
   2. reads their chunk rows, checks they make up `response` exactly, and encodes them,
@@ -18,8 +18,12 @@ admits chunks and ends only for `streaming` rows.
 A conversation whose rows do not make up its response (deleted by hand, say) keeps its
 rows: its layout says `KEPT_AS_ROWS`, so it is logged once and never examined again.
 
-Off the streaming path: after a full batch the next starts only after as long again as it
-took, so a backlog uses at most half of one connection.
+Off the streaming path, and paced beside it (measured: benchmarks/ab.py, README):
+- PostgreSQL checks the rows against `response` and computes lengths and times: no chunk
+  text crosses to this process, whose event loop serves the streams;
+- after a full batch the next waits three times as long as it took, so a backlog uses at
+  most a quarter of one connection; batches are small (50 conversations by default);
+- no batch starts while the writer lags (a chunk has waited 0.1 s for persistence).
 """
 
 from __future__ import annotations
@@ -27,9 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from uuid import UUID
 
 from psycopg import AsyncConnection
@@ -42,6 +45,12 @@ log = logging.getLogger(__name__)
 # A batch reads at most about this many chunk rows (at least one conversation's, however
 # long): 200 conversations of 1,000 chunks would be 200,000 rows in memory at once.
 MAX_BATCH_CHUNKS = 50_000
+# After a full batch, this many times as long idle: a backlog takes at most a quarter of
+# one connection, and of one PostgreSQL core, from the streams beside it.
+IDLE_PER_BUSY = 3.0
+# No batch while a chunk has waited this long for the writer: the database is behind
+# the streams, and their persistence comes first.
+WRITER_LAG_SECONDS = 0.1
 # Conversations a batch's walk of the chunks table may step over beyond its batch
 # (streaming ones, locked ones): a bound on one batch's statement.
 WALK_STEPS = 20_000
@@ -61,9 +70,7 @@ class BatchResult:
 @dataclass(frozen=True)
 class _Ended:
     id: UUID
-    response: str
     chunk_count: int
-    created_at: datetime
 
 
 async def compact_batch(
@@ -75,24 +82,18 @@ async def compact_batch(
         ended, more = await _lock_ended(conn, limit, after)
         if not ended:
             return BatchResult(0, 0)
-        # A new snapshot, taken once the locks are held: a conversation another
-        # compactor folded after this transaction's first snapshot (so it was locked
-        # again on its commit) now shows no rows, and is skipped.
-        chunks = await _read_chunks(conn, ended)
         layouts: dict[UUID, bytes] = {}
         kept = 0
-        for conversation in ended:
-            if conversation.id not in chunks:
-                continue
-            layout = _layout_of(conversation, chunks[conversation.id])
-            if layout is None:
+        for conversation_id, exact, lengths, milliseconds in await _read_chunks(conn, ended):
+            if not exact:
                 kept += 1
                 log.warning(
                     "conversation %s: its chunk rows do not make up its response; kept as rows",
-                    conversation.id,
+                    conversation_id,
                 )
-                layout = chunk_layout.KEPT_AS_ROWS
-            layouts[conversation.id] = layout
+                layouts[conversation_id] = chunk_layout.KEPT_AS_ROWS
+                continue
+            layouts[conversation_id] = chunk_layout.encode(lengths, milliseconds)
         await _write_layouts(conn, layouts)
         return BatchResult(len(layouts) - kept, kept, more, ended[-1].id)
 
@@ -118,7 +119,7 @@ async def _lock_ended(
                     ORDER BY k.conversation_id LIMIT 1), w.step + 1
             FROM walk w WHERE w.id IS NOT NULL AND w.step < %(steps)s
         )
-        SELECT c.id, c.response, c.chunk_count, c.created_at
+        SELECT c.id, c.chunk_count
         FROM walk JOIN conversations c ON c.id = walk.id
         WHERE c.status <> 'streaming'
           AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
@@ -132,45 +133,39 @@ async def _lock_ended(
     ended: list[_Ended] = []
     total = 0
     for row in rows:
-        if ended and total + row[2] > MAX_BATCH_CHUNKS:
+        if ended and total + row[1] > MAX_BATCH_CHUNKS:
             return ended, True  # the rest stay for the next batch (unlocked at this commit)
         ended.append(_Ended(*row))
-        total += row[2]
+        total += row[1]
     return ended, len(rows) == limit
 
 
 async def _read_chunks(
     conn: AsyncConnection, ended: list[_Ended]
-) -> dict[UUID, list[tuple[int, str, float]]]:
-    """The chunk rows of `ended`: (seq, text, ms after the conversation's created_at), in order."""
+) -> list[tuple[UUID, bool, list[int], list[int]]]:
+    """Per conversation of `ended` that still has chunk rows: whether they are exactly
+    chunks 1..n of its response, their lengths and their whole ms after created_at."""
+    # The check and the arithmetic run in PostgreSQL, next to the rows: the text never
+    # crosses to this process, whose event loop serves the streams. A new snapshot, taken
+    # once the locks are held: a conversation another compactor folded after this
+    # transaction's first snapshot (so it was locked again on its commit) now shows no
+    # rows, and is skipped. seq is unique and > 0, so n rows up to seq n are 1..n.
     cursor = await conn.execute(
         """
-        SELECT conversation_id, seq, text, created_at FROM chunks
-        WHERE conversation_id = ANY(%(ids)s)
-        ORDER BY conversation_id, seq
+        SELECT c.id,
+               coalesce(count(*) = c.chunk_count AND max(k.seq) = c.chunk_count
+                        AND string_agg(k.text, '' ORDER BY k.seq) = c.response, false),
+               array_agg(char_length(k.text) ORDER BY k.seq),
+               array_agg(round(extract(epoch FROM k.created_at - c.created_at) * 1000)::bigint
+                         ORDER BY k.seq)
+        FROM conversations c JOIN chunks k ON k.conversation_id = c.id
+        WHERE c.id = ANY(%(ids)s)
+        GROUP BY c.id
+        ORDER BY c.id
         """,
         {"ids": [conversation.id for conversation in ended]},
     )
-    created = {conversation.id: conversation.created_at for conversation in ended}
-    chunks: dict[UUID, list[tuple[int, str, float]]] = defaultdict(list)
-    for conversation_id, seq, text, at in await cursor.fetchall():
-        milliseconds = (at - created[conversation_id]).total_seconds() * 1000
-        chunks[conversation_id].append((seq, text, milliseconds))
-    return chunks
-
-
-def _layout_of(conversation: _Ended, chunks: list[tuple[int, str, float]]) -> bytes | None:
-    """The layout of these chunk rows, or None if they are not exactly chunks 1..n of it."""
-    seqs = [seq for seq, _, _ in chunks]
-    texts = [text for _, text, _ in chunks]
-    exact = (
-        len(chunks) == conversation.chunk_count
-        and seqs == list(range(1, len(chunks) + 1))
-        and "".join(texts) == conversation.response
-    )
-    if not exact:
-        return None
-    return chunk_layout.encode(texts, [milliseconds for _, _, milliseconds in chunks])
+    return await cursor.fetchall()
 
 
 async def _write_layouts(conn: AsyncConnection, layouts: dict[UUID, bytes]) -> None:
@@ -192,10 +187,17 @@ async def _write_layouts(conn: AsyncConnection, layouts: dict[UUID, bytes]) -> N
 class Compactor:
     """Runs compact_batch in the background, one batch every `interval` seconds."""
 
-    def __init__(self, pool: AsyncConnectionPool, interval: float, batch: int) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        interval: float,
+        batch: int,
+        writer_lag: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self._pool = pool
         self._interval = interval
         self._batch = batch
+        self._writer_lag = writer_lag
         self._task: asyncio.Task[None] | None = None
         self._after: UUID | None = None
         self.compacted = 0  # conversations folded by this process since it started
@@ -217,6 +219,9 @@ class Compactor:
         pause = self._interval
         while True:
             await asyncio.sleep(pause)
+            if self._writer_lag() > WRITER_LAG_SECONDS:
+                pause = self._interval  # the database is behind the streams: not now
+                continue
             began = loop.time()
             try:
                 result = await compact_batch(self._pool, self._batch, self._after)
@@ -226,5 +231,7 @@ class Compactor:
                 continue
             self.compacted += result.compacted
             self._after = result.last
-            # A full batch says there is more: go on soon, at most half the time busy.
-            pause = min(self._interval, loop.time() - began) if result.more else self._interval
+            # A full batch says there is more: go on soon, but busy at most 1/(1+IDLE) of
+            # the time, so a backlog is worked off beside the streams, not ahead of them.
+            took = loop.time() - began
+            pause = min(self._interval, IDLE_PER_BUSY * took) if result.more else self._interval

@@ -16,7 +16,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import chunk_layout, store
-from sse_llm.compaction import BatchResult, compact_batch
+from sse_llm.compaction import BatchResult, Compactor, compact_batch
 from sse_llm.config import Settings
 from sse_llm.contract import Status
 from tests.conftest import RunningServer, start_server
@@ -373,3 +373,26 @@ def test_a_batch_walks_on_from_where_the_last_one_ended(
     assert isinstance(result, BatchResult) and result.compacted == 2 and result.last == ids[2]
     assert stored_form(own_db, ids[0]) == (2, None)  # behind the cursor: left for the wrap
     assert compact(own_database).compacted == 1
+
+
+def test_no_batch_runs_while_the_writer_lags(own_database: str, own_db: psycopg.Connection) -> None:
+    conversation_id = create_ended(own_database, ["wait ", "for ", "the writer"])
+    lag = [1.0]  # seconds a chunk has waited for persistence
+
+    async def work(pool: AsyncConnectionPool) -> tuple[int, int]:
+        compactor = Compactor(pool, 0.02, 50, writer_lag=lambda: lag[0])
+        compactor.start()
+        try:
+            await asyncio.sleep(0.5)  # ~25 turns, each one skipped
+            while_lagging = compactor.compacted
+            lag[0] = 0.0
+            for _ in range(250):
+                if compactor.compacted:
+                    break
+                await asyncio.sleep(0.02)
+            return while_lagging, compactor.compacted
+        finally:
+            await compactor.close()
+
+    assert run_async(own_database, work) == (0, 1)
+    assert stored_form(own_db, conversation_id)[0] == 0
