@@ -101,6 +101,7 @@ async def search_page(
         log.debug("search: gather (estimated share %.6f)", estimate.share)
         return await gather(conn, chosen, keyset, params)
     found: _Ids = []
+    seen: set[Any] = set()
     walked = 0
     cursor: tuple[Any, Any] | None = None
     share: float | None = None
@@ -108,7 +109,10 @@ async def search_page(
         rows = math.ceil((wanted - len(found)) / max(share or estimate.share, 1e-9) * WALK_SLACK)
         rows = min(max(rows, MIN_WALK_ROWS), MAX_WALK_ROWS)
         hits, boundary = await walk(conn, chosen, keyset, params, cursor, rows, wanted - len(found))
-        found.extend(hits)
+        # Each statement has its own snapshot: a conversation started between a walk and
+        # its boundary moves the boundary one row up, so the next round reads a row again.
+        found.extend(hit for hit in hits if hit[0] not in seen)
+        seen.update(hit[0] for hit in hits)
         log.debug("search: walked %d rows, %d matches", rows, len(hits))
         if len(found) >= wanted or boundary is None:
             return found[offset:wanted]  # the page, or the history ended
@@ -190,8 +194,9 @@ async def walk(
     wanted: int,
 ) -> tuple[_Ids, tuple[Any, Any] | None]:
     """Up to `wanted` matches among the next `rows` newest conversations (older than
-    `after`, if given) that meet the other conditions; and, when fewer were found, the
-    (created_at, id) of the last row read (None: the history ended before)."""
+    `after`, if given) that meet the other conditions; and the (created_at, id) to go on
+    from: the last match when all were found, else the last row read (None: the history
+    ended before)."""
     statement, boundary, filter_params = walk_statement(chosen, keyset, after is not None)
     values = params | filter_params | {"walk_rows": rows, "walk_wanted": wanted}
     if after is not None:
@@ -199,7 +204,7 @@ async def walk(
     cursor = await conn.execute(statement, values, prepare=False)
     hits: _Ids = await cursor.fetchall()
     if len(hits) >= wanted:
-        return hits, None
+        return hits, (hits[-1][1], hits[-1][0])  # the next round, if any, goes on from here
     cursor = await conn.execute(boundary, values, prepare=False)
     last = await cursor.fetchone()
     return hits, (last[0], last[1]) if last else None

@@ -166,3 +166,22 @@ def test_an_absent_word_never_walks(searched: str, caplog: pytest.LogCaptureFixt
     assert page(searched, HistoryFilter(q=ABSENT), 21, 0) == []
     said = [record.getMessage() for record in caplog.records]
     assert [line.split(" (")[0] for line in said] == ["search: gather"], said
+
+
+def test_a_walk_says_where_to_go_on(searched: str) -> None:
+    """After a full walk: its last match; after a short one: its last row; at the end: None."""
+    keyset, cursor = sql.SQL("TRUE"), {"cursor_at": None, "cursor_id": None}
+    chosen = HistoryFilter(q=COMMON)
+
+    def walked(rows: int, wanted: int) -> Any:
+        return run(
+            searched,
+            lambda conn: search_plan.walk(conn, chosen, keyset, cursor, None, rows, wanted),
+        )
+
+    hits, boundary = walked(100, 5)
+    assert len(hits) == 5 and boundary == (hits[-1][1], hits[-1][0])
+    hits, boundary = walked(20, 50)
+    newest = expected(searched, HistoryFilter(), 20, 0)
+    assert len(hits) == 10 and boundary is not None and boundary[1] == newest[-1]
+    assert walked(ROWS + 1, ROWS)[1] is None
