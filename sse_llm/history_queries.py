@@ -18,7 +18,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import history_filters
+from sse_llm import history_filters, search_plan
 from sse_llm.contract import Status, Verdict
 from sse_llm.history_filters import HistoryFilter
 from sse_llm.store import CONVERSATION_COLUMNS, LIVE_CHUNK_COUNT, LIVE_RESPONSE, Conversation
@@ -216,6 +216,8 @@ async def page_ids(
     params.update(limit=limit, offset=offset)
     if not (chosen.q or chosen.reviews_filtered):
         return await _walk_conversations(conn, chosen, keyset, params)
+    if search_plan.handles(chosen):
+        return await search_plan.search_page(conn, chosen, keyset, params)
     window = min(max(_SEARCH_WINDOW_ROWS, 10 * (offset + limit)), 5 * _SEARCH_WINDOW_ROWS)
     if offset + limit <= window:
         page = await _newest_window(conn, chosen, keyset, params | {"window": window})
