@@ -132,9 +132,21 @@ def _percentiles(bins: Sequence[int], fractions: Sequence[float]) -> list[float 
     ]
 
 
+# What each bin reads as, rounded as the JSON says it: looked up, not recomputed per bucket.
+_BIN_READINGS = [round(bin_value(index), 1) for index in range(BINS)]
+
+
 def _p50_p95(bins: Sequence[int]) -> dict[str, float | None]:
-    p50, p95 = _percentiles(bins, (0.50, 0.95))
-    return {"p50": p50, "p95": p95}
+    """_percentiles for (0.50, 0.95), inlined: it runs twice per bucket (4,000 times for
+    2,000 hours), where the general form cost ~20 ms of a 60-day page."""
+    cumulative = list(itertools.accumulate(bins))
+    total = cumulative[-1] if cumulative else 0
+    if total <= 0:
+        return {"p50": None, "p95": None}
+    return {
+        "p50": _BIN_READINGS[bisect.bisect_left(cumulative, max(1, math.ceil(0.5 * total)))],
+        "p95": _BIN_READINGS[bisect.bisect_left(cumulative, max(1, math.ceil(0.95 * total)))],
+    }
 
 
 def stats_range(
@@ -185,6 +197,18 @@ async def stats(
     `start`/`end` are widened to whole buckets (see stats_range); the range must hold
     at most MAX_BUCKETS buckets (ValueError). Each bucket of the range is listed.
     """
+    body, _ = await stats_with_figures(pool, history_filter, bucket, start, end)
+    return body
+
+
+async def stats_with_figures(
+    pool: AsyncConnectionPool,
+    history_filter: HistoryFilter,
+    bucket: BucketSize | str,
+    start: datetime,
+    end: datetime,
+) -> tuple[dict[str, Any], dict[datetime, Figures]]:
+    """`stats`, and the summed figures by bucket start (histograms whole, for merging)."""
     size = BucketSize(bucket)
     start, end = stats_range(size, start, end, end)
     if bucket_count(size, start, end) > MAX_BUCKETS:
@@ -192,10 +216,16 @@ async def stats(
     rollups = answered_by_rollups(history_filter)
     async with pool.connection() as conn:
         if rollups:
-            figures = await _rollup_figures(conn, history_filter, size, start, end)
+            async with conn.transaction():
+                # 2,000 hours are ~45,000 rollup rows of 180 bins: sorted for a group
+                # aggregate they spill to disk (4 MB work_mem), hashed they are 2,000
+                # groups in memory (measured at 5,000,000: 218 -> 120 ms on one core).
+                await conn.execute("SET LOCAL work_mem = '32MB'")
+                await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                figures = await _rollup_figures(conn, history_filter, size, start, end)
         else:
             figures = await _sample_figures(conn, history_filter, size, start, end)
-    return _shaped(figures, size, start, end, estimate=not rollups)
+    return _shaped(figures, size, start, end, estimate=not rollups), figures
 
 
 def _shaped(
