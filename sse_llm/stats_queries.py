@@ -258,12 +258,26 @@ def _source(
     daily table (what was folded) and the hourly rows not folded yet (a few)."""
     hourly, daily = tables
     names = sql.SQL(", ").join(sql.Identifier(name) for name in ["bucket", *columns])
+    # The rollups' buckets are whole UTC hours and days already: only the hourly rows
+    # summed into days are truncated (per row, date_trunc with a zone cost ~20 ms of the
+    # ~31,000 rows of 60 days of hours at 5,000,000).
+    by_day = sql.SQL(", ").join(
+        [sql.SQL("date_trunc('day', bucket, 'UTC') AS bucket")]
+        + [sql.Identifier(name) for name in columns]
+    )
     parts = [sql.SQL("bucket >= %(start)s AND bucket < %(end)s")]
     if by_status:
         parts.append(sql.SQL("status = %(status)s"))
     if by_model:
         parts.append(sql.SQL("model = %(model)s"))
     where = sql.SQL(" AND ").join(parts)
+    if size is BucketSize.HOUR and hourly == _HOURS_TABLE:
+        # Every slice of an hour in one row (migration 0017), and what is not folded yet.
+        return sql.SQL("""
+            (SELECT {names} FROM conversation_stats_hours WHERE {where}
+             UNION ALL
+             SELECT {names} FROM conversation_stats WHERE writer <> {folded} AND {where}) AS s
+        """).format(names=names, folded=sql.Literal(_FOLDED), where=where)
     if size is BucketSize.HOUR:
         return sql.SQL("(SELECT {names} FROM {hourly} WHERE {where}) AS s").format(
             names=names, hourly=sql.Identifier(hourly), where=where
@@ -273,9 +287,10 @@ def _source(
     return sql.SQL("""
         (SELECT {names} FROM {daily} WHERE {where}
          UNION ALL
-         SELECT {names} FROM {hourly} WHERE writer <> {folded} AND {where}) AS s
+         SELECT {by_day} FROM {hourly} WHERE writer <> {folded} AND {where}) AS s
     """).format(
         names=names,
+        by_day=by_day,
         daily=sql.Identifier(daily),
         hourly=sql.Identifier(hourly),
         folded=folded,
@@ -290,13 +305,15 @@ def _sums(columns: list[str], empty: int | None = None) -> sql.Composable:
 
 
 _STATS_TABLES = ("conversation_stats", "conversation_stats_daily")
+# The hourly figures of all slices together: the sums by hour with no model or status.
+_HOURS_TABLE = "conversation_stats_hours"
 _REVIEW_TABLES = ("review_counts", "review_counts_daily")
 
 
 def _rollup_queries(size: BucketSize, by_status: bool, by_model: bool) -> tuple[sql.SQL, ...]:
     """The three statements of one kind of request, composed into plain text once."""
     counts = sql.SQL("""
-        SELECT date_trunc(%(unit)s, bucket, 'UTC'), status, error_code, sum(conversations)
+        SELECT bucket, status, error_code, sum(conversations)
         FROM {source} GROUP BY 1, 2, 3
     """).format(
         source=_source(
@@ -304,16 +321,18 @@ def _rollup_queries(size: BucketSize, by_status: bool, by_model: bool) -> tuple[
         )
     )
     columns = _FIGURE_COLUMNS + _BIN_COLUMNS
+    whole_hours = size is BucketSize.HOUR and not (by_status or by_model)
+    tables = (_HOURS_TABLE, "conversation_stats_daily") if whole_hours else _STATS_TABLES
     sums = sql.SQL("""
-        SELECT date_trunc(%(unit)s, bucket, 'UTC'), {figures}, ARRAY[{bins}]
+        SELECT bucket, {figures}, ARRAY[{bins}]
         FROM {source} GROUP BY 1
     """).format(
         figures=_sums(_FIGURE_COLUMNS),
         bins=_sums(_BIN_COLUMNS, empty=0),
-        source=_source(_STATS_TABLES, columns, size, by_status, by_model),
+        source=_source(tables, columns, size, by_status, by_model),
     )
     reviews = sql.SQL("""
-        SELECT date_trunc(%(unit)s, bucket, 'UTC'), {sums} FROM {source} GROUP BY 1
+        SELECT bucket, {sums} FROM {source} GROUP BY 1
     """).format(
         sums=_sums(_REVIEW_COLUMNS),
         source=_source(_REVIEW_TABLES, _REVIEW_COLUMNS, size, by_status, by_model),
@@ -349,22 +368,29 @@ async def _rollup_figures(
     figures: dict[datetime, Figures] = {}
     cursor = await conn.cursor(binary=True).execute(counts, params, prepare=True)
     for moment, status, error_code, conversations in await cursor.fetchall():
-        found = figures.setdefault(moment, Figures())
+        found = figures.get(moment) or _new(figures, moment)
         found.by_status[status] = found.by_status.get(status, 0) + int(conversations)
         if error_code:
             found.errors[error_code] = found.errors.get(error_code, 0) + int(conversations)
     cursor = await conn.cursor(binary=True).execute(sums, params, prepare=True)
     for moment, ended, chunks, prompt, completion, estimated, bins in await cursor.fetchall():
-        found = figures.setdefault(moment, Figures())
+        found = figures.get(moment) or _new(figures, moment)
         found.ended, found.chunks = int(ended), int(chunks)
         found.prompt_tokens, found.completion_tokens = int(prompt), int(completion)
         found.tokens_estimated = int(estimated)
         found.ttfc, found.duration = bins[:BINS], bins[BINS:]
     cursor = await conn.cursor(binary=True).execute(reviews, params, prepare=True)
     for moment, *values in await cursor.fetchall():
-        found = figures.setdefault(moment, Figures())
+        found = figures.get(moment) or _new(figures, moment)
         found.reviews = {name: int(n) for name, n in zip(_REVIEW_COLUMNS, values, strict=True)}
     return figures
+
+
+def _new(figures: dict[datetime, Figures], moment: datetime) -> Figures:
+    """A bucket's empty figures, added. Not setdefault(moment, Figures()): that builds
+    (and drops) two 90-bin lists per row read, ~11,500 for 60 days of hours (~40 ms)."""
+    found = figures[moment] = Figures()
+    return found
 
 
 # --- from a sample ---
@@ -404,7 +430,7 @@ def _figures_of_rows(rows: Iterable[tuple[Any, ...]]) -> dict[datetime, Figures]
     for row in rows:
         moment, status, error_code, chunks, prompt, completion, estimated = row[:7]
         ttfc, duration, reviews, good, bad, unsure = row[7:]
-        found = figures.setdefault(moment, Figures())
+        found = figures.get(moment) or _new(figures, moment)
         found.by_status[status] = found.by_status.get(status, 0) + 1
         if error_code:
             found.errors[error_code] = found.errors.get(error_code, 0) + 1
