@@ -11,6 +11,7 @@ import itertools
 import math
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,8 +35,8 @@ from sse_llm.charts import (
     stacked_bars,
 )
 from sse_llm.history_filters import HistoryFilter
-from sse_llm.insights_pages import panels, parse_range
-from sse_llm.stats_queries import MAX_BUCKETS
+from sse_llm.insights_pages import MAX_TABLE_ROWS, InsightsRange, panels, parse_range, table_rows
+from sse_llm.stats_queries import MAX_BUCKETS, BucketSize, Figures
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = "<script>alert('x')</script> \"quoted\" & ]]> <!-- -->"
@@ -368,3 +369,40 @@ def test_the_range_defaults_widens_and_shortens_as_stats_does() -> None:
     assert span.shortened and not span.rolling and span.bucket == "hour"
     assert (span.end, span.end - span.start) == (hour, timedelta(hours=MAX_BUCKETS))
     assert not parse_range({"bucket": "day"}, far, now).shortened
+
+
+def test_a_long_range_of_hours_is_tabled_by_runs_with_merged_histograms() -> None:
+    start = datetime(2026, 6, 1, tzinfo=UTC)
+    span = InsightsRange(BucketSize.HOUR, start, start + timedelta(hours=MAX_BUCKETS), False, False)
+    summed: dict[datetime, Figures] = {}
+    for hour in range(0, MAX_BUCKETS, 5):  # every fifth hour has two conversations
+        figures = Figures(by_status={"completed": 2}, ended=2, chunks=2 * (hour % 7 + 1))
+        figures.ttfc[10 + hour % 30] = 1
+        figures.ttfc[40] = 1
+        summed[start + timedelta(hours=hour)] = figures
+    body = {
+        "buckets": [
+            {"start": (start + timedelta(hours=h)).isoformat()}
+            | (summed[start + timedelta(hours=h)].json() if h % 5 == 0 else Figures().json())
+            for h in range(MAX_BUCKETS)
+        ],
+        "totals": Figures.merged(list(summed.values())).json(),
+        "estimate": False,
+    }
+    rows = table_rows(summed, span)
+    assert rows is not None and len(rows.items) <= MAX_TABLE_ROWS
+    found = {panel.panel_id: panel for panel in panels(body, "hour", rows)}
+    status = found["chart-conversations"].table
+    assert status.headers[0] == "12 hours (UTC)"  # 2,000 hours in 167 rows, not 2,000
+    assert status.rows[0][:2] == ["2026-06-01 00:00 to 06-01 11:00", "6"]  # 3 hours x 2
+    assert sum(int(row[1]) for row in status.rows) == 2 * len(summed)
+    assert status.totals[1] == format_number(2 * len(summed))
+    # A row's percentiles are its merged histogram's, not a figure of one of its hours.
+    first = [summed[m] for m in summed if m < start + timedelta(hours=12)]
+    merged = Figures.merged(first).json()["ttfc_ms"]
+    ttfc = found["chart-ttfc"].table.rows[0]
+    assert ttfc[1:] == [format_number(merged["p50"]), format_number(merged["p95"])]
+    # The charts still draw every hour.
+    assert len(bars_of(parsed(found["chart-conversations"].svg), "chart-status-completed")) == 400
+    short = replace(span, start=span.end - timedelta(hours=MAX_TABLE_ROWS))
+    assert table_rows(summed, short) is None  # few enough: a row per hour

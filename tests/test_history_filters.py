@@ -53,6 +53,11 @@ def judged(client: httpx.Client, db: psycopg.Connection) -> Judged:
             "UPDATE conversations SET created_at = %s WHERE id = %s", [moment, conversation_id]
         )
     db.execute("UPDATE conversations SET model = %s WHERE id = %s", [model, ids[5]])
+    # Cut off with no delivery that sent the end (they have none): delivered=incomplete.
+    db.execute(
+        "UPDATE conversations SET delivery_cut = true WHERE id = ANY(%s::uuid[])",
+        [[ids[1], ids[2], ids[5]]],
+    )
     reviews = [
         (0, alice, "good", [tone]),
         (0, bob, "good", []),
@@ -235,6 +240,13 @@ CASES = [
     {"reviewed": "false", "model": "{model}"},
     {"q": "{tag}", "verdict": "bad"},
     {"q": "{tag}", "reviewed": "false"},
+    {"delivered": "incomplete", "model": "{model}"},
+    {"delivered": "incomplete", "status": "completed"},
+    {"delivered": "incomplete", "reviewed": "true"},
+    {"delivered": "incomplete", "label": "{factual}"},
+    {"delivered": "incomplete", "q": "{tag}"},
+    {"from": "{start}", "to": "{end}", "verdict": "good"},
+    {"from": "{start}", "to": "{end}", "label": "{tone}", "reviewed": "true"},
 ]
 
 
@@ -249,14 +261,25 @@ async def oracle(pool: AsyncConnectionPool, chosen: HistoryFilter) -> list[UUID]
         return [row[0] for row in await cursor.fetchall()]
 
 
+@pytest.mark.parametrize("rare_share", [0.0, 0.02])
 @pytest.mark.parametrize("window", [2, 2000])
 async def test_every_strategy_finds_what_the_condition_says(
-    judged: Judged, database_url: str, monkeypatch: pytest.MonkeyPatch, window: int
+    judged: Judged,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    window: int,
+    rare_share: float,
 ) -> None:
-    # A window of 2 rows sends almost every page to the reviews' or the search's walk.
+    # A window of 2 rows sends almost every page to the reviews' or the search's walk;
+    # a window that holds every candidate (a day, few cut-off ones) is the page itself.
     monkeypatch.setattr(history_queries, "_SEARCH_WINDOW_ROWS", window)
+    # A share of 0 walks every label in the history's order; 0.02 gathers these unique
+    # labels (too rare for the statistics) and sorts them before joining conversations.
+    monkeypatch.setattr(history_queries, "_RARE_LABEL_SHARE", rare_share)
     names = {"tag": judged.tag, "alice": judged.alice, "bob": judged.bob,
-             "tone": judged.tone, "factual": judged.factual, "model": judged.model}  # fmt: skip
+             "tone": judged.tone, "factual": judged.factual, "model": judged.model,
+             "start": judged.times[0].isoformat(),
+             "end": (judged.times[-1] + timedelta(minutes=1)).isoformat()}  # fmt: skip
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
         for case in CASES:
             params = {key: value.format(**names) for key, value in case.items()}

@@ -322,3 +322,28 @@ def test_at_phone_width_nothing_scrolls_sideways(
     chart = page.locator("#chart-conversations svg").bounding_box()
     assert chart is not None and chart["width"] <= 375
     context.close()
+
+
+def test_sixty_days_of_hours_are_tabled_by_runs_and_charted_by_hour(
+    tab: BrowserPage, demo_server: RunningServer, seeded: Slice
+) -> None:
+    page = tab.page
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    start = end - timedelta(days=60)
+    query = f"model={seeded.model}&from={start:%Y-%m-%dT%H:%M}&to={end:%Y-%m-%dT%H:%M}"
+    page.goto(f"{demo_server.url}/insights?{query}")
+    expect(page.locator("#insights-total")).to_have_text(str(len(HISTORY)))
+    stats = stats_of(page, demo_server)
+    assert len(stats["buckets"]) == 60 * 24  # the chart's buckets: every hour
+    # 1,440 hours in 120 rows of 12, not 1,440 rows in each of eight tables.
+    expect(page.locator("#chart-conversations th[scope=col]").first).to_have_text("12 hours (UTC)")
+    expect(page.locator("#chart-conversations caption")).to_contain_text("a row per 12 hours")
+    rows = page.locator("#chart-conversations tbody tr")
+    assert 1 <= rows.count() <= 2  # the seeded 3 hours fall in one or two runs of 12
+    counts = cells(page, "#chart-conversations tbody td:nth-of-type(1)")
+    assert sum(int(n) for n in counts) == len(HISTORY)
+    totals = stats["totals"]
+    assert cells(page, "#chart-ttfc tfoot td") == [
+        format_number(totals["ttfc_ms"]["p50"]),
+        format_number(totals["ttfc_ms"]["p95"]),
+    ]
