@@ -4,7 +4,7 @@ A chunk row costs ~127 bytes on disk for ~7 characters of text; once a conversat
 ended, its text is all in `response`, and its chunks need only their boundaries and
 times (sse_llm/chunk_layout.py, ~2 bytes a chunk). So each process runs a `Compactor`:
 every `SSE_LLM_COMPACTION_INTERVAL` seconds (5; 0: never) one batch, in ONE transaction,
-  1. locks up to `SSE_LLM_COMPACTION_BATCH` (50) ended, uncompacted conversations
+  1. locks up to `SSE_LLM_COMPACTION_BATCH` (200) ended, uncompacted conversations
      (`FOR NO KEY UPDATE SKIP LOCKED`: replicas take disjoint batches and never wait
      for each other; the lock does not conflict with a review's foreign-key check),
   2. reads their chunk rows, checks they make up `response` exactly, and encodes them,
@@ -18,11 +18,13 @@ admits chunks and ends only for `streaming` rows.
 A conversation whose rows do not make up its response (deleted by hand, say) keeps its
 rows: its layout says `KEPT_AS_ROWS`, so it is logged once and never examined again.
 
-Off the streaming path, and paced beside it (measured: benchmarks/ab.py, README):
+Off the streaming path, and paced beside it:
 - PostgreSQL checks the rows against `response` and computes lengths and times: no chunk
-  text crosses to this process, whose event loop serves the streams;
-- after a full batch the next waits three times as long as it took, so a backlog uses at
-  most a quarter of one connection; batches are small (50 conversations by default);
+  text crosses to this process, whose event loop serves the streams (36 ms of its CPU
+  per 200-conversation batch before, 8 ms now);
+- after a full batch the next waits as long as it took, so a backlog uses at most half
+  of one connection (a quarter, with batches of 50 or 10, cost streaming as much in the
+  A/B, and folded 56 conversations/s beside 50 streams against 114/s like this);
 - no batch starts while the writer lags (a chunk has waited 0.1 s for persistence).
 """
 
@@ -45,9 +47,9 @@ log = logging.getLogger(__name__)
 # A batch reads at most about this many chunk rows (at least one conversation's, however
 # long): 200 conversations of 1,000 chunks would be 200,000 rows in memory at once.
 MAX_BATCH_CHUNKS = 50_000
-# After a full batch, this many times as long idle: a backlog takes at most a quarter of
-# one connection, and of one PostgreSQL core, from the streams beside it.
-IDLE_PER_BUSY = 3.0
+# After a full batch, this many times as long idle: a backlog takes at most half of one
+# connection from the streams beside it.
+IDLE_PER_BUSY = 1.0
 # No batch while a chunk has waited this long for the writer: the database is behind
 # the streams, and their persistence comes first.
 WRITER_LAG_SECONDS = 0.1
@@ -232,6 +234,6 @@ class Compactor:
             self.compacted += result.compacted
             self._after = result.last
             # A full batch says there is more: go on soon, but busy at most 1/(1+IDLE) of
-            # the time, so a backlog is worked off beside the streams, not ahead of them.
+            # the time, so a backlog is worked off beside the streams.
             took = loop.time() - began
             pause = min(self._interval, IDLE_PER_BUSY * took) if result.more else self._interval

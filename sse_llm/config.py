@@ -58,7 +58,7 @@ class Settings:
     query_timeout: float = 5.0  # history lists, searches, counts: per statement
     # Folding ended conversations' chunk rows into their compact form (compaction.py).
     compaction_interval: float = 5.0  # seconds between batches; 0: no compaction here
-    compaction_batch: int = 50  # conversations per batch (one transaction)
+    compaction_batch: int = 200  # conversations per batch (one transaction)
     max_exports: int = 2  # GET /export downloads at once per process, each on its own connection
     retention_days: float | None = None  # None: keep every conversation (see retention.py)
 
@@ -94,7 +94,7 @@ class Settings:
             log_format=_read(env, "SSE_LLM_LOG_FORMAT", str, "text").lower(),
             query_timeout=_read(env, "SSE_LLM_QUERY_TIMEOUT", float, 5.0),
             compaction_interval=_read(env, "SSE_LLM_COMPACTION_INTERVAL", float, 5.0),
-            compaction_batch=_read(env, "SSE_LLM_COMPACTION_BATCH", int, 50),
+            compaction_batch=_read(env, "SSE_LLM_COMPACTION_BATCH", int, 200),
             max_exports=_read(env, "SSE_LLM_MAX_EXPORTS", int, 2),
             retention_days=_read(env, "SSE_LLM_RETENTION_DAYS", parse_days, None),
         )
