@@ -15,10 +15,13 @@ The deliberate choices (read why before changing one):
 - Small batches that never stall streams: BATCH_SIZE conversations per short transaction,
   oldest first along conversations_newest_idx, each batch continuing after the last row
   the previous one read (the rows it skipped, reviewed or streaming, are not read again);
-  a statement and a lock timeout in every transaction; and after each batch a pause as
-  long as the batch took (at least MIN_PAUSE). So the pruner takes at most about half of
-  one database core, and less when the database is busy: its batches then take longer,
-  and so do its pauses. The streaming path's rows are never locked: a streaming row is
+  a statement and a lock timeout in every transaction; and after each batch a pause
+  IDLE_PER_BUSY times as long as the batch took (at least MIN_PAUSE). So the pruner takes
+  at most about a quarter of one database core, and less when the database is busy: its
+  batches then take longer, and so do its pauses. (At half a core, a quiet 2-core machine
+  pruned 8,036 rows/s and C=50 streams' chunk p99 went from ~10 ms to 17-58 ms:
+  benchmarks/results/prune-20261201T192507Z.md. Retention is never urgent; streams are.)
+  The streaming path's rows are never locked: a streaming row is
   never selected, and an ended one takes no more writes from the writer.
 - Lock, then delete, in two statements: the rows are locked FOR UPDATE SKIP LOCKED, then
   deleted by a second statement, a new snapshot that sees any review committed after the
@@ -56,6 +59,7 @@ PRUNE_LOCK_NAMESPACE = 0x55E16
 # short enough that a writer batch never queues behind one for long (benchmarks/prune.py).
 BATCH_SIZE = 500
 MIN_PAUSE = 0.02  # seconds between batches, at least
+IDLE_PER_BUSY = 3.0  # a pause is this many times as long as the batch before it
 # Per statement of a prune transaction: a batch that overruns is rolled back, not waited for.
 STATEMENT_TIMEOUT = "5s"
 LOCK_TIMEOUT = "2s"
@@ -167,7 +171,7 @@ async def prune(
             )
             if on_batch is not None:
                 on_batch(result)
-            await asyncio.sleep(max(min_pause, took))
+            await asyncio.sleep(max(min_pause, IDLE_PER_BUSY * took))
 
 
 async def prune_batch(
