@@ -26,6 +26,7 @@ from tests.conftest import RunningServer, start_server
 from tests.sse_client import Event, chunk_text, iter_events
 from tests.support import run
 from tests.tcp_proxy import TcpProxy
+from tests.test_counts import hold_instance_lock
 
 T = TypeVar("T")
 
@@ -275,6 +276,10 @@ def test_writes_into_a_conversation_another_process_settled_are_refused(
     async def scenario() -> tuple[list[Conversation], list[Owner], list[Ending | None]]:
         writer = Writer(database_url, storage_timeout=5, metrics=Metrics())
         owner_id = uuid4()
+        # A live process's instance lock: while the writer's connection is cut (below), its
+        # fence is free, and a recovery sweep of the session's servers (same database)
+        # would settle every stream of an owner without one, `kept`'s too.
+        hold_instance_lock(db, owner_id)
         writer.start(owner_id)
         try:
             rows = await asyncio.gather(*(writer.create(new_conversation(owner_id)) for _ in "ab"))
