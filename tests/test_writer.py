@@ -74,17 +74,15 @@ async def settle_as_another_process(database_url: str, conversation_id: UUID) ->
         owner = (await cursor.fetchone() or (None,))[0]
         fence = (FENCE_LOCK_NAMESPACE, owner)
         for _ in range(200):
-            # Waits (up to 5 s) until the holder has exited, then tries at once: the writer
-            # reconnects soon, and a terminate that did not wait would race its reconnection
-            # (cutting it again and again on a loaded machine, past its storage timeout).
             await conn.execute(
                 """
-                SELECT pg_terminate_backend(pid, 5000) FROM pg_locks
+                SELECT pg_terminate_backend(pid) FROM pg_locks
                 WHERE locktype = 'advisory' AND classid = %s AND objid = hashtext(%s)::oid
                   AND objsubid = 2 AND pid <> pg_backend_pid()
                 """,
                 fence,
             )
+            await conn.commit()
             cursor = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", fence)
             if (await cursor.fetchone()) == (True,):
                 break
