@@ -1,0 +1,101 @@
+"""The smaller indexes of migration 0018: each still serves the queries it is there for.
+
+A database of its own with 20,000 conversations, 1% of them failed, analysed: a page of
+a rare status is found by its partial index even by a generic plan (what a statement
+psycopg has prepared gets), and the search index takes entries without a pending list.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from sse_llm.contract import Status
+from sse_llm.history_filters import HistoryFilter, condition
+from tests.conftest import with_database
+
+ROWS = 20_000
+SEED = """
+    INSERT INTO conversations (id, prompt, response, status, created_at, model, provider)
+    SELECT gen_random_uuid(), 'a prompt', 'an answer',
+           CASE WHEN i %% 100 = 0 THEN 'failed' ELSE 'completed' END,
+           %(start)s + i * interval '1 minute', 'demo', 'demo'
+    FROM generate_series(1, %(rows)s) AS i
+"""
+
+
+@pytest.fixture(scope="module")
+def indexed(database_url: str) -> Iterator[str]:
+    """A migrated database of this module's own, seeded and analysed."""
+    from sse_llm.database import apply_migrations
+
+    name = f"sse_llm_indexes_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(database_url, name)
+    apply_migrations(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SEED, {"start": datetime(2026, 1, 1, tzinfo=UTC), "rows": ROWS})
+        conn.execute("VACUUM ANALYZE conversations")
+    yield url
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def generic_plan(url: str, status: Status) -> str:
+    """EXPLAIN of the history's status page as a prepared statement's generic plan."""
+    where, params = condition(HistoryFilter(status=status))
+    with psycopg.connect(url) as conn:
+        text = (
+            sql.SQL(
+                "SELECT c.id FROM conversations c WHERE {}"
+                " ORDER BY c.created_at DESC, c.id DESC LIMIT 51"
+            )
+            .format(where)
+            .as_string(conn)
+        )
+        # Each bound parameter becomes $n: the plan cannot look at its value.
+        names = list(params)
+        text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m[1]) + 1}::text", text)
+        conn.execute(sql.SQL("PREPARE page AS {}").format(sql.SQL(text)))  # type: ignore[arg-type]
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        values = sql.SQL(", ").join(sql.Literal(str(params[name])) for name in names)
+        rows = conn.execute(sql.SQL("EXPLAIN EXECUTE page({})").format(values)).fetchall()
+    return "\n".join(row[0] for row in rows)
+
+
+def test_a_rare_status_is_found_by_its_partial_index_in_a_generic_plan(indexed: str) -> None:
+    assert "conversations_status_newest_idx" in generic_plan(indexed, Status.FAILED)
+
+
+def test_completed_is_found_walking_the_newest_rows(indexed: str) -> None:
+    plan = generic_plan(indexed, Status.COMPLETED)
+    assert "conversations_newest_idx" in plan and "status_newest" not in plan, plan
+
+
+def test_the_partial_index_holds_only_the_rare_statuses(indexed: str) -> None:
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute(
+            "SELECT reltuples FROM pg_class WHERE relname = 'conversations_status_newest_idx'"
+        ).fetchone()
+    assert row is not None and row[0] == ROWS // 100
+
+
+def test_the_search_index_takes_entries_without_a_pending_list(indexed: str) -> None:
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE relname = 'conversations_search_idx'"
+        ).fetchone()
+    assert row is not None and "fastupdate=off" in (row[0] or []), row
+
+
+def test_chunks_are_vacuumed_at_a_fixed_number_of_dead_rows(indexed: str) -> None:
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'chunks'").fetchone()
+    assert row is not None and "autovacuum_vacuum_scale_factor=0" in (row[0] or []), row
