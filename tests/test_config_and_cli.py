@@ -161,3 +161,15 @@ def test_wheel_ships_migrations_templates_and_static(tmp_path: Path) -> None:
     )
     for line in result.stdout.splitlines():
         assert line.startswith(str(tmp_path / "site" / "sse_llm")), line
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("TEST_DATABASE_URL")), reason="the settings of an embedded server"
+)
+def test_the_embedded_server_vacuums_the_chunk_queue_often(database_url: str) -> None:
+    from sse_llm.database import EMBEDDED_SETTINGS
+
+    with psycopg.connect(database_url) as conn:
+        for name, value in EMBEDDED_SETTINGS.items():
+            row = conn.execute("SELECT setting FROM pg_settings WHERE name = %s", [name]).fetchone()
+            assert row == (value,), name
