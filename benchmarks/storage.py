@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -44,7 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sse_llm.database import apply_migrations  # noqa: E402
-from sse_llm.ids import new_id  # noqa: E402
 from sse_llm.providers.demo import DemoProvider  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
@@ -63,10 +63,9 @@ CHUNKS_SQL = """
 DELIVERIES_SQL = """
     INSERT INTO deliveries
         (id, conversation_id, via, instance_id, started_at, ended_at, from_seq, last_seq, ended)
-    SELECT d.id, c.id, 'stream', %(instance)s, c.created_at, c.completed_at,
+    SELECT gen_random_uuid(), c.id, 'stream', %(instance)s, c.created_at, c.completed_at,
            1, c.chunk_count, 'done'
-    FROM unnest(%(ids)s::uuid[], %(delivery_ids)s::uuid[]) AS d(conversation_id, id)
-    JOIN conversations c ON c.id = d.conversation_id
+    FROM conversations c WHERE c.id = ANY(%(ids)s)
 """
 
 
@@ -74,11 +73,9 @@ def seed(conn: psycopg.Connection, count: int, offset: int) -> datetime:
     """Insert `count` ended conversations, as the writer leaves them, with their chunks;
     return a time after every end they record."""
     demo = DemoProvider(None, 60, 0)
-    # In the past: the ends come before the time returned. Ids as the service makes them
-    # (ids.py: in time order), each with its conversation's created_at.
+    ids = [uuid.uuid4() for _ in range(count)]
+    # In the past: the ends come before the time returned.
     now = time.time() - 10
-    created = [now - 3 - (count - index) * 0.001 for index in range(count)]
-    ids = [new_id(round(at * 1000)) for at in created]
     with conn.transaction():
         with conn.cursor().copy(
             "COPY conversations (id, prompt, response, status, created_at, first_chunk_at,"
@@ -88,14 +85,13 @@ def seed(conn: psycopg.Connection, count: int, offset: int) -> datetime:
             for index, conversation_id in enumerate(ids):
                 prompt = f"bench k=60 t=50 pad=0 stream {offset + index} {os.urandom(4).hex()}"
                 response = "".join(demo.answer(prompt))
-                at = created[index]
+                created = now - 3 - (count - index) * 0.001
                 copy.write_row(
-                    (conversation_id, prompt, response, "completed", _at(at),
-                     _at(at + 0.05), _at(at + 3), "demo", "demo", 60, 12, 60, True)
+                    (conversation_id, prompt, response, "completed", _at(created),
+                     _at(created + 0.05), _at(created + 3), "demo", "demo", 60, 12, 60, True)
                 )  # fmt: skip
         conn.execute(CHUNKS_SQL, {"ids": ids})
-        deliveries = [new_id(round(at * 1000)) for at in created]  # made as it starts
-        conn.execute(DELIVERIES_SQL, {"ids": ids, "delivery_ids": deliveries, "instance": new_id()})
+        conn.execute(DELIVERIES_SQL, {"ids": ids, "instance": uuid.uuid4()})
     return _at(now)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,7 +33,6 @@ from sse_llm import store
 from sse_llm.contract import DeliveryEnd, DeliveryVia, ErrorCode, Status
 from sse_llm.errors import ApiError
 from sse_llm.http_protocol import CLIENT_STALLED, CONNECTION_LOST
-from sse_llm.ids import new_id
 from sse_llm.service import service_of
 from sse_llm.store import Chunk, DeliveryRow, Outcome
 from sse_llm.writer import Writer
@@ -69,7 +68,7 @@ class Delivery:
         instance_id: UUID,
         from_seq: int = 1,
     ) -> None:
-        self.id = new_id()
+        self.id = uuid4()
         self.conversation_id = conversation_id
         self.via = via
         self.instance_id = instance_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from uuid import uuid4
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
@@ -19,7 +20,6 @@ from sse_llm.contract import ErrorCode
 from sse_llm.deliveries import Delivery
 from sse_llm.errors import ApiError
 from sse_llm.generation import Generation, Subscriber
-from sse_llm.ids import new_id
 from sse_llm.limits import client_key
 from sse_llm.service import Service, service_of
 from sse_llm.store import Conversation, NewConversation
@@ -88,7 +88,7 @@ async def start_generation(
     try:
         # The row exists before the first byte is sent: the id in the headers is real.
         new = NewConversation(
-            id=new_id(),
+            id=uuid4(),
             prompt=prompt,
             model=model or service.provider.model,
             provider=service.provider.name,
