@@ -8,7 +8,6 @@ psycopg has prepared gets), and the search index takes entries without a pending
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -18,7 +17,7 @@ from psycopg import sql
 
 from sse_llm.contract import Status
 from sse_llm.history_filters import HistoryFilter, condition
-from tests.conftest import with_database
+from tests.conftest import separate_database
 
 ROWS = 20_000
 SEED = """
@@ -33,19 +32,11 @@ SEED = """
 @pytest.fixture(scope="module")
 def indexed(database_url: str) -> Iterator[str]:
     """A migrated database of this module's own, seeded and analysed."""
-    from sse_llm.database import apply_migrations
-
-    name = f"sse_llm_indexes_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    apply_migrations(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SEED, {"start": datetime(2026, 1, 1, tzinfo=UTC), "rows": ROWS})
-        conn.execute("VACUUM ANALYZE conversations")
-    yield url
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with separate_database(database_url, "indexes") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(SEED, {"start": datetime(2026, 1, 1, tzinfo=UTC), "rows": ROWS})
+            conn.execute("VACUUM ANALYZE conversations")
+        yield url
 
 
 def generic_plan(url: str, status: Status) -> str:

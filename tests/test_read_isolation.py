@@ -11,18 +11,15 @@ import random
 import string
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 
 from sse_llm.config import ConfigError, Settings
-from sse_llm.database import apply_migrations
-from tests.conftest import with_database
+from tests.conftest import separate_database
 from tests.processes import ServerProcess, spawn_server
 from tests.sse_client import Event, chunk_text, iter_events
 
@@ -47,12 +44,7 @@ PROMPT_DEADLINE = 1.0  # seconds: what "promptly" means for a resume, a cancel, 
 @pytest.fixture(scope="module")
 def history_database(database_url: str) -> Iterator[str]:
     """A database of this module's own, on the test server, holding a long history."""
-    name = f"sse_llm_reads_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    try:
-        apply_migrations(url)
+    with separate_database(database_url, "reads") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             # One statement, ~3 s: every row holds the prompt word and the phrase.
             conn.execute(
@@ -71,9 +63,6 @@ def history_database(database_url: str) -> Iterator[str]:
             )
             conn.execute("ANALYZE conversations")
         yield url
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from psycopg import AsyncConnection, sql
 
 from sse_llm import history_queries, search_plan
 from sse_llm.history_filters import HistoryFilter, condition
-from tests.conftest import with_database
+from tests.conftest import separate_database
 
 ROWS = 30_000
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -43,19 +43,11 @@ SEED = """
 @pytest.fixture(scope="module")
 def searched(database_url: str) -> Iterator[str]:
     """A migrated database of this module's own, seeded and analysed."""
-    from sse_llm.database import apply_migrations
-
-    name = f"sse_llm_search_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(database_url, name)
-    apply_migrations(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SEED, {"start": START, "rows": ROWS})
-        conn.execute("VACUUM ANALYZE conversations")
-    yield url
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with separate_database(database_url, "search") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(SEED, {"start": START, "rows": ROWS})
+            conn.execute("VACUUM ANALYZE conversations")
+        yield url
 
 
 def run(url: str, work: Any) -> Any:
