@@ -71,6 +71,7 @@ class Recorder:
         self.steady_ns: list[int] = []
         self.steady_first_ns = 0
         self.steady_last_ns = 0
+        self.trace: list[tuple[int, int]] | None = None  # (read time, latency) with --trace
 
 
 class SSEClient(asyncio.Protocol):
@@ -155,6 +156,8 @@ class SSEClient(asyncio.Protocol):
                 recorder = self.recorder
                 latency = now - int(text[colon + 1 : bar])
                 recorder.latencies_ns.append(latency)
+                if recorder.trace is not None:
+                    recorder.trace.append((time.time_ns(), latency))
                 if recorder.open >= recorder.full:
                     recorder.steady_ns.append(latency)
                     if not recorder.steady_first_ns:
@@ -357,6 +360,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     parts = urlsplit(args.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     recorder = Recorder(full=max(1, int(args.concurrency * 0.9)))
+    if args.trace:
+        recorder.trace = []
     results: list[StreamResult] = []
     started = 0
     stream_timeout = args.chunks * args.interval_ms / 1000 * 4 + 60
@@ -379,6 +384,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     summary = summarize(results, recorder, args.chunks, args.concurrency, cpu)
+    if recorder.trace is not None:
+        summary["trace"] = recorder.trace  # written by main, once the loop has ended
     if args.verify:
         print(json.dumps({"phase": "streams_done"}), flush=True)
         summary["verification"] = await verify(args.url.rstrip("/"), results, args.chunks)
@@ -402,6 +409,11 @@ def main() -> None:
     )
     parser.add_argument("--max-seconds", type=float, default=300, help="start no stream after")
     parser.add_argument("--verify", action="store_true", help="compare with GET /history/{id}")
+    parser.add_argument(
+        "--trace",
+        help="write each chunk's read time (Unix ns) and latency (ns) to this file, "
+        "to line latency up with what the server did at that moment",
+    )
     args = parser.parse_args()
     if args.streams is None:
         args.streams = 3 * args.concurrency
@@ -410,6 +422,10 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     runner = uvloop.run if uvloop is not None else asyncio.run
     summary = runner(run(args))
+    trace = summary.pop("trace", None)
+    if trace is not None:
+        with open(args.trace, "w") as out:
+            out.writelines(f"{read} {latency}\n" for read, latency in trace)
     summary["pid"] = os.getpid()
     json.dump(summary, sys.stdout)
     print(flush=True)

@@ -64,9 +64,8 @@ class BatchResult:
 
     compacted: int
     kept: int
-    more: bool = False  # the batch was full: more may be waiting
-    last: UUID | None = None  # where the next batch's walk starts (None, having found none:
-    # from the start again)
+    more: bool = False  # the batch stopped before the end of the walk: more may be waiting
+    last: UUID | None = None  # where the next batch's walk starts (None: from the first)
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,10 @@ async def compact_batch(
     """Fold up to `limit` ended conversations' chunk rows into their layout, in one
     transaction, walking from the conversation id `after` (None: from the first)."""
     async with pool.connection() as conn, conn.transaction():
-        ended, more = await _lock_ended(conn, limit, after)
+        ended, resume = await _lock_ended(conn, limit, after)
+        more = resume is not None
         if not ended:
-            return BatchResult(0, 0)
+            return BatchResult(0, 0, more, resume)
         layouts: dict[UUID, bytes] = {}
         kept = 0
         for conversation_id, exact, lengths, milliseconds in await _read_chunks(conn, ended):
@@ -97,19 +97,22 @@ async def compact_batch(
                 continue
             layouts[conversation_id] = chunk_layout.encode(lengths, milliseconds)
         await _write_layouts(conn, layouts)
-        return BatchResult(len(layouts) - kept, kept, more, ended[-1].id)
+        return BatchResult(len(layouts) - kept, kept, more, resume)
 
 
 async def _lock_ended(
     conn: AsyncConnection, limit: int, after: UUID | None
-) -> tuple[list[_Ended], bool]:
+) -> tuple[list[_Ended], UUID | None]:
     """Lock the next ended, uncompacted conversations past `after` that no other
-    transaction has locked; and whether more may be waiting."""
+    transaction has locked; and where the next batch's walk starts (None: at the start)."""
     # Found from the chunks table by a walk of its key, one conversation after another,
     # from where this compactor's last batch ended (rows behind it were just deleted: a
     # walk from the start would step over their index entries again and again until
     # vacuum) and at most WALK_STEPS of them (streaming ones are walked over too). The
     # table is small once compaction keeps up: no index over every conversation needed.
+    # The walk's last step says whether it reached the end of the table (its id is NULL
+    # then, or the walk is empty): the next batch starts over from the first, so each
+    # batch folds what ended since the one before, not a backlog that waited for a wrap.
     cursor = await conn.execute(
         """
         WITH RECURSIVE walk(id, step) AS (
@@ -120,26 +123,37 @@ async def _lock_ended(
             SELECT (SELECT k.conversation_id FROM chunks k WHERE k.conversation_id > w.id
                     ORDER BY k.conversation_id LIMIT 1), w.step + 1
             FROM walk w WHERE w.id IS NOT NULL AND w.step < %(steps)s
+        ),
+        locked AS (
+            SELECT c.id, c.chunk_count
+            FROM walk JOIN conversations c ON c.id = walk.id
+            WHERE c.status <> 'streaming'
+              AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
+            ORDER BY c.id
+            LIMIT %(limit)s
+            FOR NO KEY UPDATE OF c SKIP LOCKED
         )
-        SELECT c.id, c.chunk_count
-        FROM walk JOIN conversations c ON c.id = walk.id
-        WHERE c.status <> 'streaming'
-          AND NOT EXISTS (SELECT 1 FROM chunk_layouts l WHERE l.conversation_id = c.id)
-        ORDER BY c.id
-        LIMIT %(limit)s
-        FOR NO KEY UPDATE OF c SKIP LOCKED
+        SELECT locked.id, locked.chunk_count, walked.id
+        FROM (SELECT id FROM walk ORDER BY step DESC LIMIT 1) walked
+        LEFT JOIN locked ON true
+        ORDER BY locked.id
         """,
         {"limit": limit, "after": after, "steps": limit + WALK_STEPS},
     )
     rows = await cursor.fetchall()
+    walked_to = rows[0][2] if rows else None  # None: the walk reached the end
     ended: list[_Ended] = []
     total = 0
-    for row in rows:
-        if ended and total + row[1] > MAX_BATCH_CHUNKS:
-            return ended, True  # the rest stay for the next batch (unlocked at this commit)
-        ended.append(_Ended(*row))
-        total += row[1]
-    return ended, len(rows) == limit
+    for conversation_id, chunk_count, _ in rows:
+        if conversation_id is None:
+            break  # the walk's one row, with nothing to lock
+        if ended and total + chunk_count > MAX_BATCH_CHUNKS:
+            return ended, ended[-1].id  # the rest stay for the next batch (unlocked at commit)
+        ended.append(_Ended(conversation_id, chunk_count))
+        total += chunk_count
+    if len(ended) == limit:
+        return ended, ended[-1].id  # full: conversations past the last may be waiting
+    return ended, walked_to
 
 
 async def _read_chunks(

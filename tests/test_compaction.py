@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import chunk_layout, store
+from sse_llm import chunk_layout, compaction, store
 from sse_llm.compaction import BatchResult, Compactor, compact_batch
 from sse_llm.config import Settings
 from sse_llm.contract import Status
@@ -370,9 +370,23 @@ def test_a_batch_walks_on_from_where_the_last_one_ended(
 ) -> None:
     ids = sorted(create_ended(own_database, ["a", "b"]) for _ in range(3))
     result = run_async(own_database, lambda pool: compact_batch(pool, 10, after=ids[0]))
-    assert isinstance(result, BatchResult) and result.compacted == 2 and result.last == ids[2]
+    assert isinstance(result, BatchResult) and result.compacted == 2
     assert stored_form(own_db, ids[0]) == (2, None)  # behind the cursor: left for the wrap
+    # It reached the end of the table: the next batch starts over at once, rather than
+    # after a batch that finds nothing, so what ended meanwhile does not pile up.
+    assert result.last is None and not result.more
     assert compact(own_database).compacted == 1
+
+
+def test_a_full_batch_says_where_the_next_one_goes_on(
+    own_database: str, own_db: psycopg.Connection
+) -> None:
+    ids = sorted(create_ended(own_database, ["a", "b"]) for _ in range(3))
+    first = run_async(own_database, lambda pool: compact_batch(pool, 2))
+    assert (first.compacted, first.more, first.last) == (2, True, ids[1])
+    second = run_async(own_database, lambda pool: compact_batch(pool, 2, after=first.last))
+    assert (second.compacted, second.more, second.last) == (1, False, None)
+    assert all(stored_form(own_db, conversation_id)[0] == 0 for conversation_id in ids)
 
 
 def test_no_batch_runs_while_the_writer_lags(own_database: str, own_db: psycopg.Connection) -> None:
@@ -396,3 +410,22 @@ def test_no_batch_runs_while_the_writer_lags(own_database: str, own_db: psycopg.
 
     assert run_async(own_database, work) == (0, 1)
     assert stored_form(own_db, conversation_id)[0] == 0
+
+
+def test_a_walk_cut_short_by_streaming_conversations_goes_on_past_them(
+    own_database: str, own_db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch of 1 walks 1 + WALK_STEPS conversations: here the first 2, both streaming.
+    # It folds none, and the next batch must start past them, not from the first again.
+    monkeypatch.setattr(compaction, "WALK_STEPS", 1)
+    ids = sorted(create_ended(own_database, ["a"], Status.STREAMING) for _ in range(3))
+    own_db.execute(
+        "UPDATE conversations SET status = 'completed', response = 'a', chunk_count = 1"
+        " WHERE id = %s",
+        (ids[2],),
+    )
+    first = run_async(own_database, lambda pool: compact_batch(pool, 1))
+    assert (first.compacted, first.more, first.last) == (0, True, ids[1])
+    second = run_async(own_database, lambda pool: compact_batch(pool, 2, after=first.last))
+    assert (second.compacted, second.more, second.last) == (1, False, None)
+    assert [stored_form(own_db, conversation_id)[0] for conversation_id in ids] == [1, 1, 0]
