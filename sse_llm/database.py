@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 # `chunks` is a queue (rows live seconds, until compaction folds them) and its space is
 # reused only once autovacuum has passed: the default pass every 60 s leaves a minute of
-# chunks on disk (~70 MB at the benchmark's 152 conversations/s). As pg_settings says them.
+# chunks on disk (~70 MB at the benchmark's 152 conversations/s). The price: a pass over a
+# young database inside every 10 s costs the streams beside it some p99 (README, Potential
+# improvements; migration 0020 halves it). As pg_settings says them.
 EMBEDDED_SETTINGS = {"autovacuum_naptime": "10"}
 
 

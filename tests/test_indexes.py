@@ -90,3 +90,19 @@ def test_chunks_are_vacuumed_at_a_fixed_number_of_dead_rows(indexed: str) -> Non
     with psycopg.connect(indexed) as conn:
         row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'chunks'").fetchone()
     assert row is not None and "autovacuum_vacuum_scale_factor=0" in (row[0] or []), row
+
+
+def test_autovacuum_spares_the_streams_needless_passes(indexed: str) -> None:
+    # Migration 0020: chunks analyzed once per million changes, not at every pass; a young
+    # conversations table vacuumed for 20,000 dead rows, not for 50 and a fifth.
+    with psycopg.connect(indexed) as conn:
+        options = dict(
+            conn.execute(
+                "SELECT relname, reloptions FROM pg_class"
+                " WHERE relname IN ('chunks', 'conversations')"
+            ).fetchall()
+        )
+    assert "autovacuum_analyze_threshold=1000000" in options["chunks"]
+    assert "autovacuum_analyze_scale_factor=0" in options["chunks"]
+    assert "autovacuum_vacuum_threshold=20000" in options["conversations"]
+    assert "autovacuum_vacuum_insert_threshold=20000" in options["conversations"]
