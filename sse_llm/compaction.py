@@ -22,9 +22,10 @@ Off the streaming path, and paced beside it:
 - PostgreSQL checks the rows against `response` and computes lengths and times: no chunk
   text crosses to this process, whose event loop serves the streams (36 ms of its CPU
   per 200-conversation batch before, 8 ms now);
-- after a full batch the next waits as long as it took, so a backlog uses at most half
-  of one connection (a quarter, with batches of 50 or 10, cost streaming as much in the
-  A/B, and folded 56 conversations/s beside 50 streams against 114/s like this);
+- after a batch that stopped short of the end of its walk (full, or at its step bound),
+  the next waits as long as it took, so a backlog uses at most half of one connection
+  (a quarter, with batches of 50 or 10, cost streaming as much in the A/B, and folded 56
+  conversations/s beside 50 streams against 114/s like this);
 - no batch starts while the writer lags (a chunk has waited 0.1 s for persistence).
 """
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # A batch reads at most about this many chunk rows (at least one conversation's, however
 # long): 200 conversations of 1,000 chunks would be 200,000 rows in memory at once.
 MAX_BATCH_CHUNKS = 50_000
-# After a full batch, this many times as long idle: a backlog takes at most half of one
+# After a batch that says `more`, this many times as long idle: a backlog takes at most half of one
 # connection from the streams beside it.
 IDLE_PER_BUSY = 1.0
 # No batch while a chunk has waited this long for the writer: the database is behind
@@ -247,7 +248,8 @@ class Compactor:
                 continue
             self.compacted += result.compacted
             self._after = result.last
-            # A full batch says there is more: go on soon, but busy at most 1/(1+IDLE) of
-            # the time, so a backlog is worked off beside the streams.
+            # A batch that stopped short of the end says there is more: go on soon, but
+            # busy at most 1/(1+IDLE) of the time, so a backlog is worked off beside the
+            # streams.
             took = loop.time() - began
             pause = min(self._interval, IDLE_PER_BUSY * took) if result.more else self._interval
