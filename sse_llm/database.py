@@ -24,12 +24,11 @@ if TYPE_CHECKING:  # imported when the server starts: its import warns about XDG
 
 log = logging.getLogger(__name__)
 
-# `chunks` is a queue (rows live seconds, until compaction folds them) and its space is
-# reused only once autovacuum has passed: the default pass every 60 s leaves a minute of
-# chunks on disk (~70 MB at the benchmark's 152 conversations/s). The price: a pass over a
-# young database inside every 10 s costs the streams beside it some p99 (README, Potential
-# improvements; migration 0020 halves it). As pg_settings says them.
-EMBEDDED_SETTINGS = {"autovacuum_naptime": "10"}
+# Settings of the embedded server, as pg_settings says them. Data folders made before
+# 2026-12-02 have `autovacuum_naptime` at 10 s, to keep `chunks` (a queue) small; its
+# passes over every young table cost the streams a third on their p99, and the compactor
+# now vacuums `chunks` itself (compaction.vacuum_chunks): PostgreSQL's 60 s is put back.
+EMBEDDED_SETTINGS = {"autovacuum_naptime": "60"}
 
 
 class EmbeddedPostgres:

@@ -41,10 +41,12 @@ LONG = [f"w{index % 97}{'é' if index % 3 else '🙂'} " for index in range(1000
 
 
 def run_async(database_url: str, work: object) -> object:
-    """Run `work(pool)` (a coroutine function) on a pool of its own, in a loop of its own."""
+    """Run `work(pool)` (a coroutine function) on a pool of its own, in a loop of its own;
+    autocommit, as the service's main pool."""
 
     async def main() -> object:
-        async with AsyncConnectionPool(database_url, min_size=1, max_size=2) as pool:
+        kwargs = {"autocommit": True}
+        async with AsyncConnectionPool(database_url, min_size=1, max_size=2, kwargs=kwargs) as pool:
             return await work(pool)  # type: ignore[operator]
 
     return asyncio.run(main())
@@ -429,3 +431,47 @@ def test_a_walk_cut_short_by_streaming_conversations_goes_on_past_them(
     second = run_async(own_database, lambda pool: compact_batch(pool, 2, after=first.last))
     assert (second.compacted, second.more, second.last) == (1, False, None)
     assert [stored_form(own_db, conversation_id)[0] for conversation_id in ids] == [1, 1, 0]
+
+
+def chunk_vacuums(db: psycopg.Connection) -> tuple[int, int]:
+    """(VACUUMs of `chunks` by hand so far, its dead rows), as the statistics say."""
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'chunks'::regclass"
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_the_compactor_vacuums_chunks_so_their_space_is_reused(
+    own_database: str, own_db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own_db.execute("ALTER TABLE chunks SET (autovacuum_enabled = false)")  # ours alone
+    for _ in range(20):  # 1,200 chunk rows, to be dead once folded
+        create_ended(own_database, [f" word{n}" for n in range(60)])
+    monkeypatch.setattr(compaction, "VACUUM_INTERVAL", 0.1)
+    before, _ = chunk_vacuums(own_db)
+
+    async def work(pool: AsyncConnectionPool) -> None:
+        compactor = Compactor(pool, 0.05, 200)
+        compactor.start()
+        try:
+            for _ in range(400):  # the deletes reach the statistics within a second or so
+                if chunk_vacuums(own_db)[0] > before:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await compactor.close()
+
+    run_async(own_database, work)
+    vacuums, dead = chunk_vacuums(own_db)
+    assert vacuums > before and dead < compaction.VACUUM_MIN_DEAD
+
+    # Another process's VACUUM a moment ago counts as this one's: no second pass.
+    for _ in range(20):
+        create_ended(own_database, [f" word{n}" for n in range(60)])
+    compact(own_database)
+    wait_until(lambda: chunk_vacuums(own_db)[1] >= compaction.VACUUM_MIN_DEAD, 20)
+    assert run_async(own_database, lambda pool: compaction.vacuum_chunks(pool, 60)) is False
+    assert run_async(own_database, lambda pool: compaction.vacuum_chunks(pool, 0)) is True
+    assert chunk_vacuums(own_db)[1] < compaction.VACUUM_MIN_DEAD

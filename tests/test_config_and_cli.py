@@ -15,6 +15,7 @@ import pytest
 from sse_llm.config import ConfigError, Settings
 from tests.conftest import with_database
 from tests.processes import spawn_server
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,13 +164,20 @@ def test_wheel_ships_migrations_templates_and_static(tmp_path: Path) -> None:
         assert line.startswith(str(tmp_path / "site" / "sse_llm")), line
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("TEST_DATABASE_URL")), reason="the settings of an embedded server"
-)
-def test_the_embedded_server_vacuums_the_chunk_queue_often(database_url: str) -> None:
-    from sse_llm.database import EMBEDDED_SETTINGS
+def test_an_embedded_server_made_before_gets_the_default_naptime_back(tmp_path: Path) -> None:
+    # Data folders made before 2026-12-02 had autovacuum look every 10 s; the compactor
+    # vacuums `chunks` itself now, and the embedded server is put back to PostgreSQL's 60 s.
+    from sse_llm.database import EmbeddedPostgres
 
-    with psycopg.connect(database_url) as conn:
-        for name, value in EMBEDDED_SETTINGS.items():
-            row = conn.execute("SELECT setting FROM pg_settings WHERE name = %s", [name]).fetchone()
-            assert row == (value,), name
+    def naptime(server: EmbeddedPostgres) -> str:
+        with psycopg.connect(server.url) as conn:
+            row = conn.execute("SHOW autovacuum_naptime").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    with EmbeddedPostgres(tmp_path) as server, psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET autovacuum_naptime = 10")
+        conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: naptime(server) == "10s", 10)
+    with EmbeddedPostgres(tmp_path) as server:
+        assert naptime(server) == "1min"
