@@ -168,6 +168,7 @@ class InstanceLease:
                 if self.holds_lock:
                     await self._recover()
                     await self._settle_own()
+                    await store.fold_pending_stats(self._pool)
                     await self._fold_counts()
                     self._start_pruner()
         except Exception as exc:

@@ -3,9 +3,10 @@ a bounded sample of the newest matching conversations when the filter asks what 
 rollups do not keep (a search, a condition on reviews...).
 
 The rollups answer status, model and the time range: their rows are hour x model x
-provider x status x error code (conversation_stats, conversation_stats_daily for whole
-days) and hour x model x provider x status (review_counts), so a year by day sums a few
-thousand rows whatever the number of conversations. Percentiles come from log-spaced
+provider x status x error code (conversation_stats with the writer's deltas not folded
+yet, as the view conversation_stats_live of migration 0021; conversation_stats_daily for
+whole days) and hour x model x provider x status (review_counts), so a year by day sums a
+few thousand rows whatever the number of conversations. Percentiles come from log-spaced
 histograms (four bins per doubling): within 9.05% of the true nearest-rank value.
 """
 
@@ -278,14 +279,14 @@ def _source(
         return sql.SQL("""
             (SELECT {names} FROM conversation_stats_hours WHERE {where}
              UNION ALL
-             SELECT {names} FROM conversation_stats WHERE writer <> {folded} AND {where}) AS s
+             SELECT {names} FROM conversation_stats_live WHERE writer <> {folded} AND {where}) AS s
         """).format(names=names, folded=sql.Literal(_FOLDED), where=where)
     if size is BucketSize.HOUR:
         return sql.SQL("(SELECT {names} FROM {hourly} WHERE {where}) AS s").format(
             names=names, hourly=sql.Identifier(hourly), where=where
         )
     # The literal lets the planner use the partial index of unfolded rows.
-    folded = sql.Literal(_FOLDED if hourly == "conversation_stats" else 0)
+    folded = sql.Literal(_FOLDED if hourly == "conversation_stats_live" else 0)
     return sql.SQL("""
         (SELECT {names} FROM {daily} WHERE {where}
          UNION ALL
@@ -307,7 +308,8 @@ def _sums(columns: list[str], empty: int | None = None) -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL(template).format(sql.Identifier(c)) for c in columns)
 
 
-_STATS_TABLES = ("conversation_stats", "conversation_stats_daily")
+# conversation_stats_live: the table and the writer's deltas not folded yet (migration 0021).
+_STATS_TABLES = ("conversation_stats_live", "conversation_stats_daily")
 # The hourly figures of all slices together: the sums by hour with no model or status.
 _HOURS_TABLE = "conversation_stats_hours"
 _REVIEW_TABLES = ("review_counts", "review_counts_daily")

@@ -606,6 +606,27 @@ async def _settle(
     return [row[0] for row in await cursor.fetchall()]
 
 
+# Deltas one fold moves at most: a lease check's worth at any load (~3 a conversation).
+PENDING_FOLD_LIMIT = 50_000
+
+
+async def fold_pending_stats(pool: AsyncConnectionPool) -> int:
+    """Move the rollups' pending deltas (migration 0021) into conversation_stats; return
+    how many. Readers count them either way: this keeps the pending table small."""
+    async with pool.connection() as conn, conn.transaction():
+        cursor = await conn.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, 0)", (COUNTS_LOCK_NAMESPACE,)
+        )
+        row = await cursor.fetchone()
+        if row is None or not row[0]:
+            return 0  # another process folds
+        cursor = await conn.execute(
+            "SELECT fold_conversation_stats_pending(%s)", (PENDING_FOLD_LIMIT,)
+        )
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+
 async def fold_counts(pool: AsyncConnectionPool) -> int:
     """Merge the rollups' per-process rows into writer 0; return rows moved.
 
@@ -638,9 +659,14 @@ async def fold_counts(pool: AsyncConnectionPool) -> int:
             {"no_writer": NO_WRITER},
         )
         moved = cursor.rowcount
-        # The /stats rollups (migration 0013): past hours' rows into writer 0 and the
-        # daily table; the review counts' per-backend rows into writer 0.
-        cursor = await conn.execute("SELECT fold_conversation_stats() + fold_review_counts()")
+        # The /stats rollups (migration 0013): the pending deltas in (0021), then past
+        # hours' rows into writer 0 and the daily table; the review counts' per-backend
+        # rows into writer 0.
+        cursor = await conn.execute(
+            "SELECT fold_conversation_stats_pending(%s) + fold_conversation_stats()"
+            " + fold_review_counts()",
+            (PENDING_FOLD_LIMIT,),
+        )
         row = await cursor.fetchone()
         return moved + (int(row[0]) if row else 0)
 

@@ -26,8 +26,9 @@ from tests.test_counts import actual, counted, hold_instance_lock
 _BIN_SUMS = ", ".join(f"sum(t{k}), sum(d{k})" for k in range(BINS))
 
 
-def rolled(db: psycopg.Connection, model: str, table: str = "conversation_stats") -> Counter:
-    """`model`'s figures as the rollup holds them, summed over writers, zeros left out."""
+def rolled(db: psycopg.Connection, model: str, table: str = "conversation_stats_live") -> Counter:
+    """`model`'s figures as the rollup holds them (with the deltas not folded yet), summed
+    over writers, zeros left out."""
     rows = db.execute(
         f"""
         SELECT date_trunc('hour', bucket, 'UTC'), status, error_code, sum(conversations),
@@ -391,4 +392,46 @@ async def test_two_writers_ending_streams_of_one_hour_never_wait_for_each_other(
         await two.commit()
         await one.commit()
     assert by_status(db, model) == {"completed": 2}
+    assert_true(db, model)
+
+
+async def test_the_writers_statements_leave_deltas_that_the_fold_moves_in(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    # Migration 0021: a create or an end appends narrow deltas (not the 180-bin upsert
+    # the writer's batch waited for); readers count them at once, a fold moves them in.
+    model, owner = f"stats-{word()}", uuid4()
+    hold_instance_lock(db, owner)
+    # No server's lease check folds meanwhile: this session holds the fold's lock.
+    db.execute("SELECT pg_advisory_lock(%s, 0)", (store.COUNTS_LOCK_NAMESPACE,))
+    conversations = [new(model, owner) for _ in range(4)]
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await store.insert_conversations(conn, conversations)
+        ends = [Ending(c.id, Status.COMPLETED) for c in conversations[:3]]
+        await store.finish_conversations(conn, ends, owner)
+
+    def table_rows() -> int:
+        row = db.execute(
+            "SELECT count(*) FROM conversation_stats WHERE model = %s", (model,)
+        ).fetchone()
+        return row[0] if row else 0
+
+    pending = db.execute(
+        "SELECT sum(sign) FROM conversation_stats_pending WHERE model = %s GROUP BY status"
+        " ORDER BY status",
+        (model,),
+    ).fetchall()
+    assert table_rows() == 0
+    assert pending == [(3,), (1,)]  # completed +3; streaming +4 -3
+    assert_true(db, model)
+
+    async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
+        assert await store.fold_pending_stats(pool) == 0  # the lock is held: skipped
+        db.execute("SELECT pg_advisory_unlock(%s, 0)", (store.COUNTS_LOCK_NAMESPACE,))
+        assert await store.fold_pending_stats(pool) >= 4 + 2 * 3
+    assert table_rows() > 0
+    assert db.execute(
+        "SELECT count(*) FROM conversation_stats_pending WHERE model = %s", (model,)
+    ).fetchone() == (0,)
+    assert rolled(db, model, "conversation_stats") == recomputed(db, model)
     assert_true(db, model)

@@ -49,7 +49,7 @@ async def unsliced_equals_its_slices(pool: AsyncConnectionPool, start: datetime)
     whole = await stats_queries.stats(pool, HistoryFilter(), "hour", start, end)
     async with pool.connection() as conn:
         cursor = await conn.execute(
-            "SELECT DISTINCT model FROM conversation_stats WHERE bucket >= %s",
+            "SELECT DISTINCT model FROM conversation_stats_live WHERE bucket >= %s",
             [start - timedelta(hours=1)],
         )
         models = [row[0] for row in await cursor.fetchall()]
