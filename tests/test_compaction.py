@@ -444,12 +444,11 @@ def chunk_vacuums(db: psycopg.Connection) -> tuple[int, int]:
 
 
 def test_the_compactor_vacuums_chunks_so_their_space_is_reused(
-    own_database: str, own_db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+    own_database: str, own_db: psycopg.Connection
 ) -> None:
     own_db.execute("ALTER TABLE chunks SET (autovacuum_enabled = false)")  # ours alone
     for _ in range(20):  # 1,200 chunk rows, to be dead once folded
         create_ended(own_database, [f" word{n}" for n in range(60)])
-    monkeypatch.setattr(compaction, "VACUUM_INTERVAL", 0.1)
     before, _ = chunk_vacuums(own_db)
 
     async def work(pool: AsyncConnectionPool) -> None:
