@@ -444,9 +444,10 @@ def chunk_vacuums(db: psycopg.Connection) -> tuple[int, int]:
 
 
 def test_the_compactor_vacuums_chunks_so_their_space_is_reused(
-    own_database: str, own_db: psycopg.Connection
+    own_database: str, own_db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     own_db.execute("ALTER TABLE chunks SET (autovacuum_enabled = false)")  # ours alone
+    monkeypatch.setattr(compaction, "VACUUM_MIN_DEAD", 1_000)
     for _ in range(20):  # 1,200 chunk rows, to be dead once folded
         create_ended(own_database, [f" word{n}" for n in range(60)])
     before, _ = chunk_vacuums(own_db)
