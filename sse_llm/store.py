@@ -608,14 +608,22 @@ async def _settle(
 
 # Deltas one fold moves at most: a lease check's worth at any load (~3 a conversation).
 PENDING_FOLD_LIMIT = 50_000
+# The pending fold's advisory lock, beside fold_counts' (COUNTS_LOCK_NAMESPACE, 0).
+PENDING_FOLD_LOCK = 1
 
 
 async def fold_pending_stats(pool: AsyncConnectionPool) -> int:
     """Move the rollups' pending deltas (migration 0021) into conversation_stats; return
-    how many. Readers count them either way: this keeps the pending table small."""
+    how many. Readers count them either way: this keeps the pending table small.
+
+    One process at a time, under a lock of its own: every process tries at each lease
+    check, and on fold_counts' lock it made that fold (every 5 minutes) skip its turn.
+    A fold_counts beside it is safe: a delta is deleted by one of them, and both add in
+    key order."""
     async with pool.connection() as conn, conn.transaction():
         cursor = await conn.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, 0)", (COUNTS_LOCK_NAMESPACE,)
+            "SELECT pg_try_advisory_xact_lock(%s, %s)",
+            (COUNTS_LOCK_NAMESPACE, PENDING_FOLD_LOCK),
         )
         row = await cursor.fetchone()
         if row is None or not row[0]:

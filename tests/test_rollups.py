@@ -402,8 +402,10 @@ async def test_the_writers_statements_leave_deltas_that_the_fold_moves_in(
     # the writer's batch waited for); readers count them at once, a fold moves them in.
     model, owner = f"stats-{word()}", uuid4()
     hold_instance_lock(db, owner)
-    # No server's lease check folds meanwhile: this session holds the fold's lock.
-    db.execute("SELECT pg_advisory_lock(%s, 0)", (store.COUNTS_LOCK_NAMESPACE,))
+    # No server folds meanwhile: this session holds both folds' locks.
+    locks = [(store.COUNTS_LOCK_NAMESPACE, key) for key in (0, store.PENDING_FOLD_LOCK)]
+    for lock in locks:
+        db.execute("SELECT pg_advisory_lock(%s, %s)", lock)
     conversations = [new(model, owner) for _ in range(4)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await store.insert_conversations(conn, conversations)
@@ -427,7 +429,8 @@ async def test_the_writers_statements_leave_deltas_that_the_fold_moves_in(
 
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
         assert await store.fold_pending_stats(pool) == 0  # the lock is held: skipped
-        db.execute("SELECT pg_advisory_unlock(%s, 0)", (store.COUNTS_LOCK_NAMESPACE,))
+        for lock in locks:
+            db.execute("SELECT pg_advisory_unlock(%s, %s)", lock)
         assert await store.fold_pending_stats(pool) >= 4 + 2 * 3
     assert table_rows() > 0
     assert db.execute(
