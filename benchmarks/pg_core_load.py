@@ -21,24 +21,7 @@ TEXT = "a token"  # ~ one model token: 7 characters, the issue's measured averag
 CHUNKS_PER_ANSWER = 50
 
 # store.insert_chunks's statement without its pg_notify: the same fence and insert.
-WITHOUT_NOTIFY = """
-    WITH batch AS (
-        SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
-        FROM json_array_elements(%(rows)s::json) AS r
-    ), owned AS (
-        SELECT c.id FROM (SELECT DISTINCT id FROM batch) AS b
-        CROSS JOIN LATERAL (
-            SELECT c.id FROM conversations c
-            WHERE c.id = b.id AND c.owner_id = %(owner_id)s
-              AND c.status IS NOT DISTINCT FROM 'streaming'
-        ) AS c
-    ), inserted AS (
-        INSERT INTO chunks (conversation_id, seq, text)
-        SELECT b.id, b.seq, b.text FROM batch b JOIN owned USING (id)
-        ON CONFLICT DO NOTHING
-    )
-    SELECT id FROM batch EXCEPT SELECT id FROM owned
-"""
+WITHOUT_NOTIFY = store.INSERT_CHUNKS + store.REFUSED_CHUNKS
 
 
 @dataclass

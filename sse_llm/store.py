@@ -244,34 +244,43 @@ async def insert_chunks(
     # The notification lists each conversation once; a payload holds under 8000 bytes,
     # so about 200 ids each. A SELECT in WITH runs only if used: hence the UNION.
     cursor = await conn.execute(
-        """
-        WITH batch AS (
-            SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
-            FROM json_array_elements(%(rows)s::json) AS r
-        ), owned AS (
-            SELECT c.id FROM (SELECT DISTINCT id FROM batch) AS b
-            CROSS JOIN LATERAL (
-                SELECT c.id FROM conversations c
-                WHERE c.id = b.id AND c.owner_id = %(owner_id)s
-                  AND c.status IS NOT DISTINCT FROM 'streaming'
-            ) AS c
-        ), inserted AS (
-            INSERT INTO chunks (conversation_id, seq, text)
-            SELECT b.id, b.seq, b.text FROM batch b JOIN owned USING (id)
-            ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
-        ), touched AS (
-            SELECT id::text, (row_number() OVER () - 1) / 200 AS part FROM owned
-        )
-        SELECT NULL::uuid FROM (
-            SELECT pg_notify(%(channel)s, string_agg(id, ',')) FROM touched GROUP BY part
-        ) AS notified
-        UNION ALL
-        (SELECT id FROM batch EXCEPT SELECT id FROM owned)
-        """,
+        INSERT_CHUNKS + _NOTIFY_AND_REFUSED,
         {"rows": rows, "owner_id": owner_id, "channel": CHUNKS_CHANNEL},
     )
     return [row[0] for row in await cursor.fetchall() if row[0] is not None]
 
+
+# The fence and the insert of store.insert_chunks (benchmarks/pg_core_load.py measures
+# them without the notification): CTEs that the statement's final SELECT must name.
+INSERT_CHUNKS = """
+    WITH batch AS (
+        SELECT (r->>0)::uuid AS id, (r->>1)::int AS seq, r->>2 AS text
+        FROM json_array_elements(%(rows)s::json) AS r
+    ), owned AS (
+        SELECT c.id FROM (SELECT DISTINCT id FROM batch) AS b
+        CROSS JOIN LATERAL (
+            SELECT c.id FROM conversations c
+            WHERE c.id = b.id AND c.owner_id = %(owner_id)s
+              AND c.status IS NOT DISTINCT FROM 'streaming'
+        ) AS c
+    ), inserted AS (
+        INSERT INTO chunks (conversation_id, seq, text)
+        SELECT b.id, b.seq, b.text FROM batch b JOIN owned USING (id)
+        ON CONFLICT DO NOTHING  -- a retry after a lost acknowledgement
+    )
+"""
+# The refused conversations: the batch's ids the fence did not let through.
+REFUSED_CHUNKS = "(SELECT id FROM batch EXCEPT SELECT id FROM owned)"
+_NOTIFY_AND_REFUSED = f"""
+    , touched AS (
+        SELECT id::text, (row_number() OVER () - 1) / 200 AS part FROM owned
+    )
+    SELECT NULL::uuid FROM (
+        SELECT pg_notify(%(channel)s, string_agg(id, ',')) FROM touched GROUP BY part
+    ) AS notified
+    UNION ALL
+    {REFUSED_CHUNKS}
+"""
 
 # NUL never reaches here (providers clean it: PostgreSQL text cannot hold it), so every
 # string survives json's \u escapes; should one slip through, the statement fails and
