@@ -244,7 +244,7 @@ async def insert_chunks(
     # The notification lists each conversation once; a payload holds under 8000 bytes,
     # so about 200 ids each. A SELECT in WITH runs only if used: hence the UNION.
     cursor = await conn.execute(
-        INSERT_CHUNKS + _NOTIFY_AND_REFUSED,
+        _INSERT_AND_NOTIFY,
         {"rows": rows, "owner_id": owner_id, "channel": CHUNKS_CHANNEL},
     )
     return [row[0] for row in await cursor.fetchall() if row[0] is not None]
@@ -281,6 +281,8 @@ _NOTIFY_AND_REFUSED = f"""
     UNION ALL
     {REFUSED_CHUNKS}
 """
+
+_INSERT_AND_NOTIFY = INSERT_CHUNKS + _NOTIFY_AND_REFUSED  # composed once, not per batch
 
 # NUL never reaches here (providers clean it: PostgreSQL text cannot hold it), so every
 # string survives json's \u escapes; should one slip through, the statement fails and
