@@ -207,6 +207,7 @@ def test_sign_in_refuses_a_bad_reviewer_name(locked_server: RunningServer, revie
     assert COOKIE_NAME not in response.cookies
 
 
+@pytest.mark.slow
 def test_logout_ends_the_session_on_every_replica_within_a_second(database_url: str) -> None:
     first = spawn_server(database_url, SSE_LLM_API_KEY=KEY)
     second = spawn_server(database_url, SSE_LLM_API_KEY=KEY)
@@ -230,6 +231,7 @@ def test_logout_ends_the_session_on_every_replica_within_a_second(database_url: 
         second.stop()
 
 
+@pytest.mark.slow
 def test_a_database_outage_during_a_session_check_answers_503(
     tmp_path: Path, base_settings: Settings
 ) -> None:

@@ -160,6 +160,7 @@ async def test_a_lag_limit_of_zero_never_holds_anyone() -> None:
     assert await admission.enter() is False
 
 
+@pytest.mark.slow
 def test_a_stalled_database_holds_new_streams_and_refuses_them_after_the_queue_timeout(
     base_settings: Settings, database_url: str
 ) -> None:
@@ -202,6 +203,7 @@ def test_a_stalled_database_holds_new_streams_and_refuses_them_after_the_queue_t
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_while_waiting_starts_nothing(
     base_settings: Settings, database_url: str, db: psycopg.Connection
 ) -> None:

@@ -376,6 +376,7 @@ def test_a_refused_annotation_says_why_and_creates_nothing(
     assert count.fetchone() == (0,)
 
 
+@pytest.mark.slow
 def test_a_streaming_answer_grows_raw_then_renders_when_it_ends(
     tab: BrowserPage,
     base_settings: Settings,

@@ -139,6 +139,7 @@ def test_client_disconnect_mid_stream_still_completes(slow_server: RunningServer
     assert stored["response"] == "".join(DemoProvider(None, 20, 0).answer("walk away"))
 
 
+@pytest.mark.slow
 def test_idle_stream_gets_ping_comments(base_settings: Settings) -> None:
     # 2 chunks a second, pings after 0.2 s of nothing: pings between the chunks, on both
     # streaming routes, and the data is untouched.
@@ -160,6 +161,7 @@ def test_idle_stream_gets_ping_comments(base_settings: Settings) -> None:
     assert chat_lines[-2] == "data: [DONE]"
 
 
+@pytest.mark.slow
 def test_no_ping_while_chunks_flow(base_settings: Settings) -> None:
     # A chunk every 50 ms for two seconds, pings after 0.6 s of nothing: a ping is only
     # for a stream with nothing else to send (SPEC 2). A timer that pinged regardless

@@ -443,6 +443,7 @@ def chunk_vacuums(db: psycopg.Connection) -> tuple[int, int]:
     return row[0], row[1]
 
 
+@pytest.mark.slow
 def test_the_compactor_vacuums_chunks_so_their_space_is_reused(
     own_database: str, own_db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

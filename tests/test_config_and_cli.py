@@ -100,6 +100,7 @@ def test_serve_refuses_a_bad_setting_clearly() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_with_workers_keeps_the_host_it_was_told(database_url: str) -> None:
     # Each worker reads its settings from the environment: --host must reach them, or a
     # worker on 0.0.0.0 would believe it listens on 127.0.0.1 and refuse every LAN name.
@@ -134,6 +135,7 @@ def test_migrate_applies_migrations_alone(database_url: str) -> None:
     assert {"conversations", "chunks"} <= tables
 
 
+@pytest.mark.slow
 def test_wheel_ships_migrations_templates_and_static(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],

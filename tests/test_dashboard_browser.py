@@ -114,6 +114,7 @@ def test_search_finds_and_highlights_a_word(tab: BrowserPage, demo_server: Runni
     expect(page.locator(".conversation")).to_have_count(1)
 
 
+@pytest.mark.slow
 def test_playground_streams_the_answer_then_links_to_it(
     tab: BrowserPage, slow_server: RunningServer
 ) -> None:
@@ -139,6 +140,7 @@ def test_playground_streams_the_answer_then_links_to_it(
     expect(page.locator("#response-rendered")).to_have_text(stored["response"])  # Markdown
 
 
+@pytest.mark.slow
 def test_streaming_detail_follows_live_and_survives_a_reconnect(
     tab: BrowserPage, slow_server: RunningServer
 ) -> None:
@@ -192,6 +194,7 @@ def test_hostile_text_renders_as_text_and_runs_nothing(
     assert bidi == "isolate"
 
 
+@pytest.mark.slow
 def test_no_console_errors_or_csp_violations_on_any_page(
     tab: BrowserPage, demo_server: RunningServer
 ) -> None:

@@ -252,6 +252,7 @@ def test_a_client_that_stops_reading_is_dropped(
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
     database_url: str, db: psycopg.Connection
 ) -> None:
@@ -289,6 +290,7 @@ def test_a_delivery_whose_process_is_killed_is_lost_and_a_live_replicas_is_not(
             server.stop()
 
 
+@pytest.mark.slow
 def test_a_clean_shutdown_ends_its_deliveries_with_the_end_it_sent(
     database_url: str, client: httpx.Client
 ) -> None:

@@ -378,6 +378,7 @@ def stalled(db: psycopg.Connection) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_slow_download_holds_no_snapshot_and_sees_rows_committed_since(
     demo_server: RunningServer, db: psycopg.Connection, many: tuple[str, list[str]]
 ) -> None:

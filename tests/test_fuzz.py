@@ -34,6 +34,7 @@ def assert_no_leak(text: str) -> None:
         assert leak not in text, f"response leaks {leak!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: GenerationMode) -> None:
     """Valid and invalid requests to every operation: no 5xx, responses match the schema."""
@@ -76,6 +77,7 @@ def test_api_keeps_its_openapi_promises(demo_server: RunningServer, mode: Genera
     derandomize=DERANDOMIZE,
     suppress_health_check=list(HealthCheck),
 )
+@pytest.mark.slow
 def test_any_prompt_streams_and_is_stored_exactly_or_is_refused(
     demo_server: RunningServer, prompt: str
 ) -> None:

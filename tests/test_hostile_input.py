@@ -340,6 +340,7 @@ def dumps(body: object) -> bytes:
     return json.dumps(body).encode()  # lone surrogates and NUL travel as \u escapes
 
 
+@pytest.mark.slow
 def test_bad_requests_on_every_route_never_touch_30_running_streams(
     paced_server: RunningServer, upstream: FakeUpstream, db: psycopg.Connection
 ) -> None:

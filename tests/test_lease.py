@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 from uuid import UUID
 
 import psycopg
+import pytest
 
 from sse_llm.broadcast import Broadcast
 from sse_llm.database import open_pool
@@ -64,6 +65,7 @@ def status_of(conn: psycopg.Connection, conversation_id: UUID) -> str:
     return str(row[0])
 
 
+@pytest.mark.slow
 def test_a_failed_relock_is_retried_and_never_settles_the_processs_own_streams(
     own_database: str,
 ) -> None:
@@ -155,6 +157,7 @@ class SilentProxy:
                         peers[sock].sendall(data)
 
 
+@pytest.mark.slow
 def test_a_lease_connection_gone_silent_is_replaced_and_the_lock_retaken(
     own_database: str,
 ) -> None:
@@ -188,6 +191,7 @@ def test_a_lease_connection_gone_silent_is_replaced_and_the_lock_retaken(
     assert holder is not None and holder != old
 
 
+@pytest.mark.slow
 def test_a_listening_connection_gone_silent_is_replaced(own_database: str) -> None:
     proxy = SilentProxy(own_database)
 

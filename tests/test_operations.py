@@ -222,6 +222,7 @@ def test_an_ipv6_client_is_one_client_across_its_64_network() -> None:
     assert key_of("192.0.2.7") != key_of("192.0.2.8")
 
 
+@pytest.mark.slow
 def test_streams_beyond_the_cap_get_503(base_settings: Settings) -> None:
     server = start_server(
         base_settings.with_changes(max_streams=1, demo_tokens=40, demo_tokens_per_second=20)
@@ -283,6 +284,7 @@ def most_at_once(attempts: list[Attempt]) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_a_burst_of_simultaneous_streams_runs_no_more_than_the_cap(
     base_settings: Settings, db: psycopg.Connection
 ) -> None:

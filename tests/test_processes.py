@@ -34,6 +34,7 @@ def wait_status(database_url: str, conversation_id: str, timeout: float = 20) ->
     return wait_until(ended, timeout, 0.1, "the conversation is still streaming")
 
 
+@pytest.mark.slow
 def test_client_on_another_process_follows_the_generation_live(
     process_a: ServerProcess, demo_server: RunningServer, database_url: str
 ) -> None:
@@ -71,6 +72,7 @@ def test_cancel_through_another_process(
     assert 3 <= chunks < 40
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream_then_restart_keeps_every_chunk_sent(database_url: str) -> None:
     server = spawn_server(database_url, DEMO_TOKENS="200", DEMO_TOKENS_PER_SECOND="20")
     try:
@@ -93,6 +95,7 @@ def test_kill_9_mid_stream_then_restart_keeps_every_chunk_sent(database_url: str
     assert chunks >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_lets_short_streams_finish(database_url: str, signum: int) -> None:
     server = spawn_server(
@@ -111,6 +114,7 @@ def test_sigterm_lets_short_streams_finish(database_url: str, signum: int) -> No
     assert stored(database_url, stream.conversation_id)[0] == "completed"
 
 
+@pytest.mark.slow
 def test_sigterm_interrupts_streams_past_the_grace_period(database_url: str) -> None:
     server = spawn_server(
         database_url, DEMO_TOKENS="400", DEMO_TOKENS_PER_SECOND="20", SSE_LLM_SHUTDOWN_GRACE="1"
@@ -134,6 +138,7 @@ def test_sigterm_interrupts_streams_past_the_grace_period(database_url: str) -> 
     assert chunks == events[-1].json["chunks"]
 
 
+@pytest.mark.slow
 def test_two_workers_serve_streams(database_url: str) -> None:
     server = spawn_server(
         database_url, "--workers", "2", DEMO_TOKENS="10", DEMO_TOKENS_PER_SECOND="100"
@@ -158,6 +163,7 @@ def test_two_workers_serve_streams(database_url: str) -> None:
     assert server.log().count("Started server process") == 2
 
 
+@pytest.mark.slow
 def test_a_starting_process_leaves_live_streams_alone(database_url: str) -> None:
     owner = spawn_server(database_url, DEMO_TOKENS="100", DEMO_TOKENS_PER_SECOND="20")
     try:
@@ -175,6 +181,7 @@ def test_a_starting_process_leaves_live_streams_alone(database_url: str) -> None
     assert stored(database_url, stream.conversation_id)[0] == "completed"
 
 
+@pytest.mark.slow
 def test_follower_survives_its_listening_connection_dropping(
     process_a: ServerProcess, demo_server: RunningServer, database_url: str
 ) -> None:
@@ -212,6 +219,7 @@ def cut_listeners(conn: psycopg.Connection, spare: int) -> int:
     return int(cut[0])
 
 
+@pytest.mark.slow
 def test_a_cancel_sent_while_the_owners_listener_reconnects_is_not_lost(
     demo_server: RunningServer, database_url: str
 ) -> None:

@@ -190,6 +190,7 @@ def get_promptly(client: httpx.Client, path: str) -> httpx.Response:
     return response
 
 
+@pytest.mark.slow
 def test_resumes_cancels_and_single_reads_answer_promptly_under_a_flood_of_costly_searches(
     server: ServerProcess,
 ) -> None:

@@ -91,6 +91,7 @@ def follow(url: str, conversation_id: str, after: int) -> list[Event]:
         return list(iter_events(response))
 
 
+@pytest.mark.slow
 def test_a_database_restart_never_interrupts_a_live_replicas_streams(
     restartable_postgres: EmbeddedPostgres, replicas: tuple[ServerProcess, ServerProcess]
 ) -> None:

@@ -295,6 +295,7 @@ def pruner_holds_lock(conn: psycopg.Connection) -> bool:
     return row is not None and row[0] > 0
 
 
+@pytest.mark.slow
 def test_two_pruner_processes_at_once_never_both_run(
     own_database: str, conn: psycopg.Connection
 ) -> None:
@@ -329,6 +330,7 @@ def test_the_service_prunes_in_the_background_with_the_setting(
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_prune_while_a_stream_runs_leaves_the_stream_exact(
     own_database: str, conn: psycopg.Connection
 ) -> None:

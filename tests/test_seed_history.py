@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from seed_conversations import DiskGuard, mark_delivery_cuts, seed
@@ -40,6 +41,7 @@ def test_the_seed_rebuilds_every_index_of_the_live_schema(own_database: str) -> 
     assert seeded["rows_seeded"] == 2_000
 
 
+@pytest.mark.slow
 def test_the_seeded_history_has_production_s_mix(own_database: str) -> None:
     count = 20_000
     seed(own_database, count, jobs=2, guard=DiskGuard(None, 0))
@@ -87,6 +89,7 @@ def test_the_seeded_history_has_production_s_mix(own_database: str) -> None:
         assert left == (0,), "a client that left was sent fewer chunks than the answer has"
 
 
+@pytest.mark.slow
 def test_delivery_cuts_are_marked_from_the_deliveries(own_database: str) -> None:
     # The flag of migration 0014, as it adds it (a no-op once 0014 is merged).
     with psycopg.connect(own_database, autocommit=True) as conn:

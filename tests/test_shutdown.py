@@ -8,6 +8,7 @@ import time
 
 import httpx
 import psycopg
+import pytest
 
 from tests.conftest import word
 from tests.processes import spawn_server
@@ -40,6 +41,7 @@ class LateStream:
         assert not self._thread.is_alive(), "the late stream did not end"
 
 
+@pytest.mark.slow
 def test_a_stream_whose_row_is_created_while_the_drain_waits_ends_interrupted(
     database_url: str, db: psycopg.Connection
 ) -> None:
