@@ -59,7 +59,7 @@ class Settings:
     # Folding ended conversations' chunk rows into their compact form (compaction.py).
     compaction_interval: float = 5.0  # seconds between batches; 0: no compaction here
     compaction_batch: int = 200  # conversations per batch (one transaction)
-    max_exports: int = 2  # GET /export downloads at once per process, each on its own connection
+    max_exports: int = 2  # GET /export downloads at once on the database (all replicas)
     retention_days: float | None = None  # None: keep every conversation (see retention.py)
 
     @classmethod

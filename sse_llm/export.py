@@ -6,9 +6,11 @@ Choices worth knowing before changing them:
   a failure can only cut the download short: the connection is closed without the last
   (empty) chunk of the chunked body, which every HTTP client reports as an incomplete
   download, so a truncated file is never mistaken for a whole one.
-- At most settings.max_exports downloads run at once per process (each holds a database
-  connection for as long as its client reads); one more is told 429 with Retry-After at
-  once rather than queued, since a download may last minutes.
+- At most settings.max_exports downloads run at once on the database, across replicas
+  (each holds a database connection for as long as its client reads, and on it one of
+  max_exports advisory-lock slots); one more is told 429 with Retry-After at once rather
+  than queued, since a download may last minutes. A process's own semaphore turns one
+  away before it opens a connection.
 - When the client leaves, Starlette cancels the body's iteration; ExportResponse then
   closes the export's connection and frees its slot, whatever happened in between.
 - CSV cells that a spreadsheet would run as a formula (starting with = + - @, a tab or
@@ -39,7 +41,12 @@ from starlette.types import Receive, Scope, Send
 from sse_llm.api import conversation_json
 from sse_llm.contract import ErrorCode, Status
 from sse_llm.errors import ApiError
-from sse_llm.export_queries import ExportPage, export_pages, open_export_connection
+from sse_llm.export_queries import (
+    ExportPage,
+    claim_export_slot,
+    export_pages,
+    open_export_connection,
+)
 from sse_llm.history_filters import HistoryFilter, parse_filter
 from sse_llm.reviews_api import annotation_json, review_json
 from sse_llm.service import service_of
@@ -241,12 +248,7 @@ async def export(request: Request) -> Response:
     service = service_of(request)
     slots = service.exports
     if slots.locked():
-        raise ApiError(
-            429,
-            ErrorCode.TOO_MANY_EXPORTS,
-            f"{service.settings.max_exports} exports are running already. Try again shortly.",
-            {"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        raise _too_many(service.settings.max_exports)
     await slots.acquire()  # at once: locked() said a slot is free, and nothing awaited since
     conn: AsyncConnection | None = None
     pages: AsyncIterator[ExportPage] | None = None
@@ -257,6 +259,8 @@ async def export(request: Request) -> Response:
             conn = await open_export_connection(
                 service.settings.database_url, service.settings.query_timeout
             )
+            if not await claim_export_slot(conn, service.settings.max_exports):
+                raise _too_many(service.settings.max_exports)
             pages = export_pages(conn, history_filter)
             first = await anext(pages, None)
     except BaseException:
@@ -268,6 +272,15 @@ async def export(request: Request) -> Response:
         lambda: _release(conn, slots),
         media_type=_MEDIA_TYPES[chosen],
         headers=headers,
+    )
+
+
+def _too_many(max_exports: int) -> ApiError:
+    return ApiError(
+        429,
+        ErrorCode.TOO_MANY_EXPORTS,
+        f"{max_exports} exports are running already. Try again shortly.",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 

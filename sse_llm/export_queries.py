@@ -63,6 +63,25 @@ async def open_export_connection(database_url: str, statement_timeout: float) ->
     return conn
 
 
+# The key space of the export slots' session advisory locks (store.py's are 0x55E11-0x55E13,
+# the pruner's 0x55E16); the key is the slot's number.
+EXPORT_SLOT_NAMESPACE = 0x55E17
+
+
+async def claim_export_slot(conn: AsyncConnection, slots: int) -> bool:
+    """Take one of `slots` slots shared by every process on this database, for as long as
+    `conn` lives (a session advisory lock: the server frees it when the connection ends,
+    however the export or its process ends). False when all are taken."""
+    for slot in range(slots):
+        cursor = await conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (EXPORT_SLOT_NAMESPACE, slot)
+        )
+        row = await cursor.fetchone()
+        if row is not None and row[0]:
+            return True
+    return False
+
+
 async def export_pages(
     conn: AsyncConnection, history_filter: HistoryFilter, page_rows: int = EXPORT_PAGE_ROWS
 ) -> AsyncIterator[ExportPage]:

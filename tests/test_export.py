@@ -471,6 +471,42 @@ def test_over_the_cap_an_export_is_a_429_with_retry_after_until_one_ends(
             assert response.status_code == 200 and response.text == ""
 
 
+@pytest.fixture
+def other_one_export_server(base_settings: Settings) -> Iterator[RunningServer]:
+    """A second replica on the same database, with the same cap."""
+    running = start_server(base_settings.with_changes(max_exports=1))
+    yield running
+    running.stop()
+
+
+def test_the_cap_is_shared_by_the_replicas_of_one_database(
+    one_export_server: RunningServer,
+    other_one_export_server: RunningServer,
+    db: psycopg.Connection,
+    many: tuple[str, list[str]],
+) -> None:
+    """A download on one replica takes the slot the other would use: the cap bounds the
+    database's export connections, not each process's."""
+    model, _ = many
+    with (
+        httpx.Client(base_url=one_export_server.url, timeout=30) as first,
+        httpx.Client(base_url=other_one_export_server.url, timeout=30) as second,
+    ):
+        with first.stream("GET", "/export", params={"model": model}) as slow:
+            body = slow.iter_bytes()  # kept, as above
+            next(body)
+            refused = second.get("/export", params={"model": "nothing-matches"})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_exports"
+            # Refused, it keeps no connection: only the running download's stays open.
+            wait_until(
+                lambda: len(export_backends(db)) == 1, 10, 0.05, "the refused one's connection"
+            )
+        response = wait_for_slot(second)
+        assert response.status_code == 200 and response.text == ""
+    wait_for_no_export(db)
+
+
 def wait_for_slot(client: httpx.Client) -> httpx.Response:
     """An export of nothing, once the server has freed the slot of one that just ended."""
     found: list[httpx.Response] = []
