@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -93,6 +94,25 @@ def test_the_walk_reads_newest_first_and_the_gather_the_index(searched: str) -> 
         assert "conversations_newest_idx" not in plan, plan
 
 
+def test_a_windowed_walk_takes_the_index_s_hits_within_its_rows(searched: str) -> None:
+    """Bitmaps (the window's time range, and the search's where its hits are fewer), never
+    the ordered walk that tests each row."""
+    keyset = sql.SQL("TRUE")
+    for q in (COMMON, RARE, PHRASE):
+        statement, params = search_plan.windowed_statement(
+            HistoryFilter(q=q), keyset, resume=False, bounded=True
+        )
+        window = {"window_at": START + timedelta(days=20), "window_id": uuid.UUID(int=0)}
+        plan = explain(
+            searched, statement, params | window | {"walk_wanted": 21},
+            *search_plan.GATHER_SETTINGS,
+        )  # fmt: skip
+        assert "Bitmap Heap Scan on conversations" in plan, plan
+        assert "Index Scan using" not in plan, plan
+        if q == RARE:
+            assert "Bitmap Index Scan on conversations_search_idx" in plan, plan
+
+
 def expected(url: str, chosen: HistoryFilter, limit: int, offset: int) -> list[uuid.UUID]:
     """The page as a plain query finds it (whatever its plan)."""
     where, params = condition(chosen)
@@ -127,8 +147,15 @@ FILTERS = [
 ]
 
 
+@pytest.mark.parametrize("windowed", [False, True], ids=["tested", "windowed"])
 @pytest.mark.parametrize("chosen", FILTERS, ids=lambda f: f"{f.q}|{f.model}|{f.from_}")
-def test_every_way_finds_the_same_page(searched: str, chosen: HistoryFilter) -> None:
+def test_every_way_finds_the_same_page(
+    searched: str, chosen: HistoryFilter, windowed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windowed: every walk takes its matches from the index within its rows instead."""
+    if windowed:
+        monkeypatch.setattr(search_plan, "WINDOWED_WALK_ROWS", 1)
+        monkeypatch.setattr(search_plan, "WINDOWED_HITS_PER_ROW", math.inf)
     for limit, offset in ((21, 0), (5, 40), (101, 0), (1000, 0)):
         assert page(searched, chosen, limit, offset) == expected(searched, chosen, limit, offset)
 
@@ -160,7 +187,8 @@ def test_an_absent_word_never_walks(searched: str, caplog: pytest.LogCaptureFixt
     assert [line.split(" (")[0] for line in said] == ["search: gather"], said
 
 
-def test_a_walk_says_where_to_go_on(searched: str) -> None:
+@pytest.mark.parametrize("windowed", [False, True], ids=["tested", "windowed"])
+def test_a_walk_says_where_to_go_on(searched: str, windowed: bool) -> None:
     """After a full walk: its last match; after a short one: its last row; at the end: None."""
     keyset, cursor = sql.SQL("TRUE"), {"cursor_at": None, "cursor_id": None}
     chosen = HistoryFilter(q=COMMON)
@@ -168,7 +196,9 @@ def test_a_walk_says_where_to_go_on(searched: str) -> None:
     def walked(rows: int, wanted: int) -> Any:
         return run(
             searched,
-            lambda conn: search_plan.walk(conn, chosen, keyset, cursor, None, rows, wanted),
+            lambda conn: search_plan.walk(
+                conn, chosen, keyset, cursor, None, rows, wanted, windowed=windowed
+            ),
         )
 
     hits, boundary = walked(100, 5)
@@ -177,3 +207,9 @@ def test_a_walk_says_where_to_go_on(searched: str) -> None:
     newest = expected(searched, HistoryFilter(), 20, 0)
     assert len(hits) == 10 and boundary is not None and boundary[1] == newest[-1]
     assert walked(ROWS + 1, ROWS)[1] is None
+    # A short walk's matches are exactly those among its rows, its last row included.
+    matching = set(expected(searched, chosen, ROWS, 0))
+    for rows in range(15, 25):
+        newest = expected(searched, HistoryFilter(), rows, 0)
+        hits, _ = walked(rows, rows + 1)
+        assert [hit[0] for hit in hits] == [id_ for id_ in newest if id_ in matching], rows
