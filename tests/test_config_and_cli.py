@@ -166,6 +166,7 @@ def test_wheel_ships_migrations_templates_and_static(tmp_path: Path) -> None:
         assert line.startswith(str(tmp_path / "site" / "sse_llm")), line
 
 
+@pytest.mark.slow
 def test_an_embedded_server_made_before_gets_the_default_naptime_back(tmp_path: Path) -> None:
     # Data folders made before 2026-12-02 had autovacuum look every 10 s; the compactor
     # vacuums `chunks` itself now, and the embedded server is put back to PostgreSQL's 60 s.

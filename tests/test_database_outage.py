@@ -28,6 +28,10 @@ from tests.tcp_proxy import TcpProxy
 T = TypeVar("T")
 
 
+# Each stops and starts a PostgreSQL server: outages want the machine to themselves.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture
 def server(
     restartable_postgres: EmbeddedPostgres, base_settings: Settings
@@ -54,7 +58,6 @@ def wait_ready(url: str, want: int, timeout: float = 20) -> None:
     )
 
 
-@pytest.mark.slow
 def test_readyz_and_new_requests_follow_the_database(
     restartable_postgres: EmbeddedPostgres, server: RunningServer
 ) -> None:
@@ -75,7 +78,6 @@ def test_readyz_and_new_requests_follow_the_database(
         assert response.status_code == 200
 
 
-@pytest.mark.slow
 def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
     restartable_postgres: EmbeddedPostgres, server: RunningServer
 ) -> None:
@@ -99,7 +101,6 @@ def test_stream_rides_out_a_short_outage_without_losing_a_chunk(
     assert row == ("completed", chunk_text(events))
 
 
-@pytest.mark.slow
 def test_a_long_outage_ends_the_stream_storage_unavailable_and_the_history_says_so(
     restartable_postgres: EmbeddedPostgres, base_settings: Settings
 ) -> None:
@@ -237,7 +238,6 @@ def test_a_create_whose_commit_reply_was_lost_leaves_no_row(
     assert count.fetchone() == (0,)
 
 
-@pytest.mark.slow
 def test_a_database_that_stops_answering_fails_the_batch_within_the_storage_timeout(
     database_url: str,
 ) -> None:
