@@ -442,11 +442,16 @@ def wait_for_no_export(db: psycopg.Connection) -> None:
     wait_until(lambda: export_backends(db) == [], 10, 0.05, "the export's connection stayed")
 
 
-@pytest.fixture
-def one_export_server(base_settings: Settings) -> Iterator[RunningServer]:
+def serve_one_export(base_settings: Settings) -> Iterator[RunningServer]:
+    """A server whose cap is one export at once, stopped after."""
     running = start_server(base_settings.with_changes(max_exports=1))
     yield running
     running.stop()
+
+
+@pytest.fixture
+def one_export_server(base_settings: Settings) -> Iterator[RunningServer]:
+    yield from serve_one_export(base_settings)
 
 
 def test_over_the_cap_an_export_is_a_429_with_retry_after_until_one_ends(
@@ -474,9 +479,7 @@ def test_over_the_cap_an_export_is_a_429_with_retry_after_until_one_ends(
 @pytest.fixture
 def other_one_export_server(base_settings: Settings) -> Iterator[RunningServer]:
     """A second replica on the same database, with the same cap."""
-    running = start_server(base_settings.with_changes(max_exports=1))
-    yield running
-    running.stop()
+    yield from serve_one_export(base_settings)
 
 
 def test_the_cap_is_shared_by_the_replicas_of_one_database(
