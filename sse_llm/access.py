@@ -37,13 +37,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sse_llm import store
+from sse_llm import session_store
 from sse_llm.contract import ErrorCode
 from sse_llm.dashboard import render
 from sse_llm.errors import ApiError, handle_database_error
 from sse_llm.reviews import reviewer_name
 from sse_llm.service import service_of
-from sse_llm.store import Session
+from sse_llm.session_store import Session
 
 COOKIE_NAME = "sse_llm_session"
 SESSION_SECONDS = 7 * 24 * 3600
@@ -89,22 +89,22 @@ class Sessions:
     async def start(self, pool: AsyncConnectionPool, reviewer: str) -> str:
         """Record a new session for `reviewer`; return the token for its cookie."""
         token = secrets.token_urlsafe(32)
-        await store.create_session(pool, self.token_hash(token), reviewer, SESSION_SECONDS)
+        await session_store.create_session(pool, self.token_hash(token), reviewer, SESSION_SECONDS)
         # Rows only accumulate through sign-ins, so each one clearing a few expired rows
         # keeps the table at the sessions of the last SESSION_SECONDS.
-        await store.delete_expired_sessions(pool)
+        await session_store.delete_expired_sessions(pool)
         return token
 
     async def find(self, pool: AsyncConnectionPool, token: str) -> Session | None:
         """The live session of a cookie's token, or None (unknown, expired, revoked)."""
         if not _TOKEN.fullmatch(token):
             return None
-        return await store.find_session(pool, self.token_hash(token))
+        return await session_store.find_session(pool, self.token_hash(token))
 
     async def end(self, pool: AsyncConnectionPool, token: str) -> None:
         """Revoke the session of a token, on every replica at once."""
         if _TOKEN.fullmatch(token):
-            await store.revoke_session(pool, self.token_hash(token))
+            await session_store.revoke_session(pool, self.token_hash(token))
 
 
 class AccessControl:

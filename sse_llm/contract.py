@@ -117,6 +117,7 @@ MAX_LABEL_CHARS = 40
 MAX_NOTE_CHARS = 4000
 CLAIM_SECONDS = 600  # a review queue's soft claim on the conversation it served
 
-# PostgreSQL NOTIFY channels between processes (store.py sends, broadcast.py listens).
+# PostgreSQL NOTIFY channels between processes (store.py and recovery_store.py send,
+# broadcast.py listens).
 CHUNKS_CHANNEL = "sse_llm_chunks"  # payload: conversation ids with new chunks or an end
 CANCEL_CHANNEL = "sse_llm_cancel"  # payload: a conversation id to cancel

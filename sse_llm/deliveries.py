@@ -15,7 +15,7 @@ sent in between is kept in memory, per wake-up of its stream and never per chunk
 "Sent" means handed to the socket while the connection was up (http_protocol.py marks a
 request's scope when its connection goes): bytes the kernel took and the client never
 read cannot be told apart from read ones. A process that dies leaves its open rows to
-recovery, which marks them `lost` (store.lose_deliveries).
+recovery, which marks them `lost` (recovery_store.lose_deliveries).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sse_llm import store
+from sse_llm import delivery_store
 from sse_llm.contract import DeliveryEnd, DeliveryVia, ErrorCode, Status
+from sse_llm.delivery_store import DeliveryRow
 from sse_llm.errors import ApiError
 from sse_llm.http_protocol import CLIENT_STALLED, CONNECTION_LOST
 from sse_llm.service import service_of
-from sse_llm.store import Chunk, DeliveryRow, Outcome
+from sse_llm.store import Chunk, Outcome
 from sse_llm.writer import Writer
 
 Updates = AsyncIterator[tuple[list[Chunk], Outcome | None]]
@@ -182,7 +183,7 @@ async def list_route(request: Request) -> Response:
     except ValueError:
         raise ApiError(404, ErrorCode.NOT_FOUND, "No conversation has this id.") from None
     # One conversation's rows by index: the main pool, like GET /history/{id}.
-    rows = await store.list_deliveries(service_of(request).pool, conversation_id)
+    rows = await delivery_store.list_deliveries(service_of(request).pool, conversation_id)
     if rows is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, "No conversation has this id.")
     return JSONResponse({"items": [delivery_json(row) for row in rows]})

@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import store
+from sse_llm import delivery_store, store
 from sse_llm.contract import DeliveryEnd
-from sse_llm.store import Conversation, DeliveryRow
+from sse_llm.delivery_store import DeliveryRow
+from sse_llm.store import Conversation
 
 WIDTH = 720.0  # the viewBox's width; the SVG scales to the page
 CHART_TOP = 8.0
@@ -82,7 +83,7 @@ async def build_timeline(pool: AsyncConnectionPool, conversation: Conversation) 
     """Read the conversation's chunk times and deliveries; lay them out."""
     async with pool.connection() as conn:
         chunks = await store.chunk_timeline(conn, conversation.id)
-    deliveries = await store.list_deliveries(pool, conversation.id) or []
+    deliveries = await delivery_store.list_deliveries(pool, conversation.id) or []
     return lay_out(conversation, chunks, deliveries, datetime.now(UTC))
 
 
@@ -139,7 +140,7 @@ def lay_out(
         ticks=[(x(ms), _duration(ms)) for ms in (span * i / (TICKS - 1) for i in range(TICKS))],
         bars=bars,
         rows=rows,
-        truncated=len(deliveries) >= store.MAX_DELIVERIES_LISTED,
+        truncated=len(deliveries) >= delivery_store.MAX_DELIVERIES_LISTED,
     )
 
 

@@ -1,10 +1,11 @@
 """The history's reads: lists, searches, counts and the detail page's row, as SQL.
 
-Apart from store.py (the streaming path's and recovery's statements) because they are
-another kind of query: their cost grows with the history (a search, a deep page, the
-counts), so they run on the query pool under a statement timeout (database.py), and
-they are where the history's filters, reviews and insights grow. The expressions that
-assemble a streaming conversation from its chunks are shared from store.py.
+Apart from store.py and recovery_store.py (the streaming path's and recovery's
+statements) because they are another kind of query: their cost grows with the history
+(a search, a deep page, the counts), so they run on the query pool under a statement
+timeout (database.py), and they are where the history's filters, reviews and insights
+grow. The expressions that assemble a streaming conversation from its chunks are shared
+from store.py.
 """
 
 from __future__ import annotations

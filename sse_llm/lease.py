@@ -86,14 +86,14 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import retention, store
+from sse_llm import recovery_store, retention, rollup_store, store
 from sse_llm.database import connection_options
 
 log = logging.getLogger(__name__)
 
 # A stream this young may not be registered with its generation yet: the self-sweep spares it.
 NEW_STREAM_SECONDS = 60
-# How often a process folds the history counts of past hours (store.fold_counts).
+# How often a process folds the history counts of past hours (rollup_store.fold_counts).
 FOLD_SECONDS = 300
 # How often a process with SSE_LLM_RETENTION_DAYS set tries to prune (one wins the lock).
 PRUNE_SECONDS = 300
@@ -147,9 +147,9 @@ class InstanceLease:
             await asyncio.gather(self._pruner, return_exceptions=True)
         try:
             async with asyncio.timeout(self._timeout):
-                await store.interrupt_conversations(self._pool, owner_id=self.instance_id)
+                await recovery_store.interrupt_conversations(self._pool, owner_id=self.instance_id)
                 if self._connection is not None and not self._connection.closed:
-                    await store.forget_instance(self._connection, self.instance_id)
+                    await recovery_store.forget_instance(self._connection, self.instance_id)
         except Exception as exc:  # the database is away: others recover them later
             log.warning("could not mark this process's streams interrupted: %s", exc)
         await self._disconnect()
@@ -168,18 +168,18 @@ class InstanceLease:
                 if self.holds_lock:
                     await self._recover()
                     await self._settle_own()
-                    await store.fold_pending_stats(self._pool)
+                    await rollup_store.fold_pending_stats(self._pool)
                     await self._fold_counts()
                     self._start_pruner()
         except Exception as exc:
             log.warning("lease check failed: %r", exc)
 
     async def _fold_counts(self) -> None:
-        """Now and then, merge the history counts' rows of past hours (store.fold_counts)."""
+        """Now and then, merge the history counts' rows of past hours (rollup_store.fold_counts)."""
         now = asyncio.get_running_loop().time()
         if now - self._folded_at >= FOLD_SECONDS:
             self._folded_at = now
-            await store.fold_counts(self._pool)
+            await rollup_store.fold_counts(self._pool)
 
     def _start_pruner(self) -> None:
         """Now and then, with retention set, prune in the background (retention.py).
@@ -215,7 +215,7 @@ class InstanceLease:
         """A working lease connection holds the lock; a broken one is replaced and re-locked."""
         if self._connection is not None and not self._connection.closed:
             try:
-                self._see_server(await store.server_started_at(self._connection))
+                self._see_server(await recovery_store.server_started_at(self._connection))
                 return
             except psycopg.Error as exc:
                 log.warning("lost the lease connection (did the database restart?): %s", exc)
@@ -233,7 +233,7 @@ class InstanceLease:
             **connection_options(self._interval, "sse-llm lease"),
         )
         try:
-            server = await store.lock_instance(connection, self.instance_id)
+            server = await recovery_store.lock_instance(connection, self.instance_id)
         except BaseException:
             await connection.close()
             raise
@@ -260,7 +260,7 @@ class InstanceLease:
         """Settle the streams of dead processes (see "Who is dead")."""
         seen_for = asyncio.get_running_loop().time() - self._server_seen_since
         quiet_server = self._server if seen_for >= self._grace else None
-        recovered = await store.interrupt_orphaned_conversations(
+        recovered = await recovery_store.interrupt_orphaned_conversations(
             self._pool, settler_id=self.instance_id, quiet_server=quiet_server
         )
         if recovered:
@@ -272,7 +272,7 @@ class InstanceLease:
         Their end could not be recorded during a database outage, say; `running_ids`
         names every stream whose generation, or whose end, this process still holds.
         """
-        await store.interrupt_conversations(
+        await recovery_store.interrupt_conversations(
             self._pool,
             owner_id=self.instance_id,
             except_ids=self._running_ids(),

@@ -13,7 +13,7 @@ import time
 
 from starlette.requests import Request
 
-from sse_llm.store import Session
+from sse_llm.session_store import Session
 
 
 class RateLimiter:

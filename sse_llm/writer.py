@@ -47,12 +47,13 @@ from uuid import UUID
 
 import psycopg
 
-from sse_llm import store
+from sse_llm import delivery_store, store
 from sse_llm.contract import ErrorCode, Status, StopReason
 from sse_llm.database import connection_options
+from sse_llm.delivery_store import CUT_OFF, DeliveryRow
 from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
-from sse_llm.store import CUT_OFF, Chunk, Conversation, DeliveryRow, Ending, NewConversation
+from sse_llm.store import Chunk, Conversation, Ending, NewConversation
 
 __all__ = ["ChunkOwner", "StorageRejected", "StorageUnavailable", "Writer"]
 
@@ -605,11 +606,11 @@ class Writer:
         rows = [delivery.row() for delivery in deliveries]
 
         async def write(part: list[DeliveryRow]) -> None:
-            refresh = await store.write_deliveries(connection, part)
+            refresh = await delivery_store.write_deliveries(connection, part)
             # Rare: a cut-off, or an end sent to a conversation flagged cut.
             refresh.extend(row.conversation_id for row in part if row.ended in CUT_OFF)
             if refresh:
-                await store.refresh_delivery_cut(connection, sorted(set(refresh)))
+                await delivery_store.refresh_delivery_cut(connection, sorted(set(refresh)))
 
         def give_up(row: DeliveryRow) -> None:
             log.error("the database refused delivery %s", row.id)

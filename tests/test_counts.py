@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import history_queries, store
+from sse_llm import history_queries, recovery_store, rollup_store, store
 from sse_llm.contract import ErrorCode, Status
 from sse_llm.store import Ending, NewConversation
 from tests.conftest import RunningServer, word
@@ -76,7 +76,9 @@ async def test_every_store_path_keeps_the_counts_equal_to_the_table(
         await store.finish_conversations(conn, ends, owner)
         await store.delete_unconfirmed_conversations(conn, [conversations[2].id])
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.interrupt_conversations(pool, owner_id=owner, except_ids=[conversations[3].id])
+        await recovery_store.interrupt_conversations(
+            pool, owner_id=owner, except_ids=[conversations[3].id]
+        )
     expected = {"completed": 1, "failed": 1, "interrupted": 1, "streaming": 1}
     assert actual(db, model) == expected
     assert counted(db, model) == expected
@@ -114,7 +116,7 @@ async def test_a_dead_processs_streams_settled_by_another_are_counted_as_interru
         await store.insert_conversations(conn, [new(model, dead) for _ in range(3)])
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
         # `dead` never took an instance lock: no process holds it, so it is dead.
-        settled = await store.interrupt_orphaned_conversations(
+        settled = await recovery_store.interrupt_orphaned_conversations(
             pool, settler_id=settler, quiet_server=None
         )
     assert len(settled) >= 3
@@ -143,12 +145,12 @@ async def test_folding_past_hours_keeps_every_sum_and_merges_the_writers_rows(
     before = counted(db, model)
     assert before == {"completed": 2, "streaming": 2}
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.fold_counts(pool)
+        await rollup_store.fold_counts(pool)
     assert counted(db, model) == before
     writers = db.execute(
         "SELECT DISTINCT writer FROM conversation_counts WHERE model = %s", (model,)
     ).fetchall()
-    assert writers == [(store.NO_WRITER,)]
+    assert writers == [(rollup_store.NO_WRITER,)]
 
 
 async def test_the_dashboards_counts_come_from_the_rollup(

@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 
-from sse_llm import store
+from sse_llm import delivery_store
 from sse_llm.config import Settings
 from sse_llm.contract import DeliveryEnd, DeliveryVia
 from sse_llm.deliveries import Delivery
@@ -358,7 +358,7 @@ def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
     base_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[int, bool, str]] = []
-    real = store.write_deliveries
+    real = delivery_store.write_deliveries
     lock = threading.Lock()
 
     async def counted(conn: psycopg.AsyncConnection, rows: Any) -> list[Any]:
@@ -368,7 +368,7 @@ def test_deliveries_are_written_in_the_writers_batches_never_per_chunk(
             calls.append((len(rows), in_transaction, name))
         return await real(conn, rows)
 
-    monkeypatch.setattr(store, "write_deliveries", counted)
+    monkeypatch.setattr(delivery_store, "write_deliveries", counted)
     # 100 chunks in half a second each: dozens of wake-ups and batches per stream.
     server = start_server(base_settings.with_changes(demo_tokens=100, demo_tokens_per_second=200))
     streams = 5
@@ -413,13 +413,13 @@ def test_a_connection_that_ends_before_its_open_is_written_is_one_row_written_on
     database_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written: list[list[tuple[str | None, int | None]]] = []
-    real = store.write_deliveries
+    real = delivery_store.write_deliveries
 
     async def counted(conn: psycopg.AsyncConnection, rows: Any) -> list[Any]:
         written.append([(row.ended, row.last_seq) for row in rows])
         return await real(conn, rows)
 
-    monkeypatch.setattr(store, "write_deliveries", counted)
+    monkeypatch.setattr(delivery_store, "write_deliveries", counted)
 
     async def scenario() -> UUID:
         writer = Writer(database_url, storage_timeout=5, metrics=Metrics())

@@ -22,10 +22,10 @@ import pytest
 from sse_llm.broadcast import Broadcast
 from sse_llm.database import open_pool
 from sse_llm.lease import InstanceLease
+from sse_llm.recovery_store import interrupt_orphaned_conversations
 from sse_llm.store import (
     FENCE_LOCK_NAMESPACE,
     INSTANCE_LOCK_NAMESPACE,
-    interrupt_orphaned_conversations,
 )
 from tests.support import free_port, run, wait_until
 

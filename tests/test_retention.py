@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import history_queries, retention, store
+from sse_llm import history_queries, retention, rollup_store, store
 from sse_llm.config import ConfigError, Settings
 from tests.conftest import word
 from tests.processes import BackgroundStream, spawn_server
@@ -436,7 +436,7 @@ def test_store_namespaces_do_not_clash_with_the_pruners() -> None:
     namespaces = {
         store.INSTANCE_LOCK_NAMESPACE,
         store.FENCE_LOCK_NAMESPACE,
-        store.COUNTS_LOCK_NAMESPACE,
+        rollup_store.COUNTS_LOCK_NAMESPACE,
     }
     assert retention.PRUNE_LOCK_NAMESPACE not in namespaces
 

@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import review_store, store
+from sse_llm import recovery_store, review_store, rollup_store, store
 from sse_llm.contract import ErrorCode, Status, Verdict
 from sse_llm.stats_queries import BINS, stats_bin
 from sse_llm.store import Ending, NewConversation
@@ -179,7 +179,9 @@ async def test_every_store_path_keeps_the_stats_equal_to_the_table(
         await store.delete_unconfirmed_conversations(conn, [conversations[2].id])
         assert_true(db, model)
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.interrupt_conversations(pool, owner_id=owner, except_ids=[conversations[3].id])
+        await recovery_store.interrupt_conversations(
+            pool, owner_id=owner, except_ids=[conversations[3].id]
+        )
     assert_true(db, model)
     assert by_status(db, model) == {"completed": 1, "failed": 1, "interrupted": 2, "streaming": 1}
     assert any(key[3].startswith("t") for key in rolled(db, model))  # a first chunk's time
@@ -245,7 +247,9 @@ async def test_a_dead_processs_streams_settled_by_another_are_counted_as_interru
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await store.insert_conversations(conn, [new(model, dead) for _ in range(3)])
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.interrupt_orphaned_conversations(pool, settler_id=settler, quiet_server=None)
+        await recovery_store.interrupt_orphaned_conversations(
+            pool, settler_id=settler, quiet_server=None
+        )
     assert by_status(db, model) == {"interrupted": 3}
     assert_true(db, model)
 
@@ -330,13 +334,13 @@ async def test_folding_keeps_every_sum_and_fills_the_daily_table(
     )
     before = rolled(db, model)
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.fold_counts(pool)
+        await rollup_store.fold_counts(pool)
     assert rolled(db, model) == before
     assert_true(db, model)
     writers = db.execute(
         "SELECT DISTINCT writer = %s FROM conversation_stats WHERE model = %s"
         " AND bucket < date_trunc('hour', now(), 'UTC') - interval '1 hour'",
-        (store.NO_WRITER, model),
+        (rollup_store.NO_WRITER, model),
     ).fetchall()
     assert writers == [(True,)]
     assert db.execute(
@@ -351,7 +355,7 @@ async def test_folding_keeps_every_sum_and_fills_the_daily_table(
 
 
 def _days(db: psycopg.Connection, table: str, model: str, *, unfolded: bool = False) -> Counter:
-    where = f"AND writer <> '{store.NO_WRITER}'" if unfolded else ""
+    where = f"AND writer <> '{rollup_store.NO_WRITER}'" if unfolded else ""
     rows = db.execute(
         f"""
         SELECT date_trunc('day', bucket, 'UTC'), status, sum(conversations), sum(ended),
@@ -403,7 +407,9 @@ async def test_the_writers_statements_leave_deltas_that_the_fold_moves_in(
     model, owner = f"stats-{word()}", uuid4()
     hold_instance_lock(db, owner)
     # No server folds meanwhile: this session holds both folds' locks.
-    locks = [(store.COUNTS_LOCK_NAMESPACE, key) for key in (0, store.PENDING_FOLD_LOCK)]
+    locks = [
+        (rollup_store.COUNTS_LOCK_NAMESPACE, key) for key in (0, rollup_store.PENDING_FOLD_LOCK)
+    ]
     for lock in locks:
         db.execute("SELECT pg_advisory_lock(%s, %s)", lock)
     conversations = [new(model, owner) for _ in range(4)]
@@ -428,10 +434,10 @@ async def test_the_writers_statements_leave_deltas_that_the_fold_moves_in(
     assert_true(db, model)
 
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        assert await store.fold_pending_stats(pool) == 0  # the lock is held: skipped
+        assert await rollup_store.fold_pending_stats(pool) == 0  # the lock is held: skipped
         for lock in locks:
             db.execute("SELECT pg_advisory_unlock(%s, %s)", lock)
-        assert await store.fold_pending_stats(pool) >= 4 + 2 * 3
+        assert await rollup_store.fold_pending_stats(pool) >= 4 + 2 * 3
     assert table_rows() > 0
     assert db.execute(
         "SELECT count(*) FROM conversation_stats_pending WHERE model = %s", (model,)

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import stats_queries, store
+from sse_llm import rollup_store, stats_queries
 from sse_llm.history_filters import HistoryFilter
 from sse_llm.stats_queries import BINS
 from tests.conftest import word
@@ -37,7 +37,7 @@ def hours_that_differ(db: psycopg.Connection) -> list[Any]:
             ON a.bucket = b.bucket
         WHERE (a.*) IS DISTINCT FROM (b.*)
         """,
-        {"folded": store.NO_WRITER},
+        {"folded": rollup_store.NO_WRITER},
     ).fetchall()
     return [row[0] for row in rows]
 
@@ -74,13 +74,13 @@ async def test_folding_adds_every_slice_of_an_hour_to_its_folded_row(
     insert_by_hand(db, model, 5, ago=timedelta(days=2))
     insert_by_hand(db, model, 4)  # this hour: not folded yet, read from its slices
     async with AsyncConnectionPool(database_url, kwargs={"autocommit": True}) as pool:
-        await store.fold_counts(pool)
+        await rollup_store.fold_counts(pool)
         assert hours_that_differ(db) == []
         start = datetime.now(UTC) - timedelta(hours=4)
         assert await unsliced_equals_its_slices(pool, start) >= 12 + 7 + 4
         # Folded again later (late ends of an old hour): added, not replaced.
         insert_by_hand(db, model, 3, ago=timedelta(hours=3))
-        await store.fold_counts(pool)
+        await rollup_store.fold_counts(pool)
         assert hours_that_differ(db) == []
         assert await unsliced_equals_its_slices(pool, start) >= 12 + 7 + 4 + 3
 

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 
 from psycopg import AsyncConnection
 
-from sse_llm import store
+from sse_llm import recovery_store, session_store, store
 from sse_llm.store import Chunk, Ending
 from tests.support import run
 from tests.test_store import connected, notifications, streaming
@@ -69,10 +69,10 @@ def test_a_process_interrupts_its_own_rows_but_spares_the_excepted_and_the_newes
             elsewhere = await streaming(conn, uuid4())
             await store.insert_chunks(conn, [Chunk(ids[0], 1, "partial")], owner_id)
             # Too new: a generation may be about to register it.
-            spared = await store.interrupt_conversations(
+            spared = await recovery_store.interrupt_conversations(
                 pool, owner_id=owner_id, created_before_seconds=60
             )
-            settled = await store.interrupt_conversations(
+            settled = await recovery_store.interrupt_conversations(
                 pool, owner_id=owner_id, except_ids=[ids[2]]
             )
             cursor = await conn.execute(
@@ -102,7 +102,7 @@ def test_only_dead_owners_rows_are_interrupted_and_dead_owners_forgotten(
             await AsyncConnection.connect(own_database, autocommit=True) as live_session,
         ):
             settler, dead, alive, before_restart = uuid4(), uuid4(), uuid4(), uuid4()
-            assert await store.lock_instance(live_session, alive) is not None
+            assert await recovery_store.lock_instance(live_session, alive) is not None
             await conn.execute(
                 "INSERT INTO instances (id, server_started_at) VALUES"
                 " (%s, pg_postmaster_start_time()), (%s, pg_postmaster_start_time()),"
@@ -112,11 +112,11 @@ def test_only_dead_owners_rows_are_interrupted_and_dead_owners_forgotten(
             owners = (settler, dead, alive, before_restart)
             rows = {o: await streaming(conn, o, alive=False) for o in owners}
             await store.insert_chunks(conn, [Chunk(rows[dead], 1, "last words")], dead)
-            first = await store.interrupt_orphaned_conversations(
+            first = await recovery_store.interrupt_orphaned_conversations(
                 pool, settler_id=settler, quiet_server=None
             )
-            quiet = await store.server_started_at(conn)
-            second = await store.interrupt_orphaned_conversations(
+            quiet = await recovery_store.server_started_at(conn)
+            second = await recovery_store.interrupt_orphaned_conversations(
                 pool, settler_id=settler, quiet_server=quiet
             )
             cursor = await conn.execute("SELECT id FROM instances")
@@ -149,16 +149,16 @@ def test_a_session_is_found_until_it_expires_or_is_revoked_and_expired_ones_are_
 ) -> None:
     async def scenario() -> dict[str, Any]:
         async with connected(own_database) as (_, pool):
-            live = await store.create_session(pool, b"live", "ann", 3600)
-            revoked = await store.create_session(pool, b"revoked", "bob", 3600)
-            await store.revoke_session(pool, revoked.token_hash)
+            live = await session_store.create_session(pool, b"live", "ann", 3600)
+            revoked = await session_store.create_session(pool, b"revoked", "bob", 3600)
+            await session_store.revoke_session(pool, revoked.token_hash)
             for n, seconds in enumerate((-300, -200, -100, 0)):
-                await store.create_session(pool, b"expired %d" % n, "cy", seconds)
+                await session_store.create_session(pool, b"expired %d" % n, "cy", seconds)
             found = {
-                name: await store.find_session(pool, name)
+                name: await session_store.find_session(pool, name)
                 for name in (b"live", b"revoked", b"expired 3", b"unknown")
             }
-            deleted = await store.delete_expired_sessions(pool, limit=2)
+            deleted = await session_store.delete_expired_sessions(pool, limit=2)
             async with pool.connection() as conn:
                 cursor = await conn.execute("SELECT token_hash FROM sessions ORDER BY token_hash")
                 left = [bytes(row[0]) for row in await cursor.fetchall()]

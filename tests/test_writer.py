@@ -60,9 +60,9 @@ def new_conversation(owner_id: UUID, prompt: str = "a prompt") -> NewConversatio
 
 async def settle_as_another_process(database_url: str, conversation_id: UUID) -> None:
     """Mark a conversation `interrupted` the way a process settling another's streams does
-    (store._settle): take its owner's fence lock exclusively, which a settler gets only once
-    the owner's writer connection is gone (cut here, as a restart or an outage would), lock
-    the row, then assemble its response from the chunks committed by then.
+    (recovery_store._settle): take its owner's fence lock exclusively, which a settler gets
+    only once the owner's writer connection is gone (cut here, as a restart or an outage
+    would), lock the row, then assemble its response from the chunks committed by then.
 
     Without the fence this would settle while the writer still inserts: a chunk committed
     after the settle's snapshot would reach the clients and not the stored response, an
