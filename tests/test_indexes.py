@@ -3,6 +3,7 @@
 A database of its own with 20,000 conversations, 1% of them failed, analysed: a page of
 a rare status is found by its partial index even by a generic plan (what a statement
 psycopg has prepared gets), and the search index takes entries without a pending list.
+And migration 0022's storage: the search vector stays in the row.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -106,3 +108,24 @@ def test_autovacuum_spares_the_streams_needless_passes(indexed: str) -> None:
     assert "autovacuum_analyze_scale_factor=0" in options["chunks"]
     assert "autovacuum_vacuum_threshold=20000" in options["conversations"]
     assert "autovacuum_vacuum_insert_threshold=20000" in options["conversations"]
+
+
+def test_a_long_answer_goes_out_of_line_before_its_search_vector(indexed: str) -> None:
+    # Migration 0022: a walk tests each row's vector, so the vector stays in the row and
+    # the answer's text is what moves to TOAST when the row outgrows ~2 KB. 120 distinct
+    # words that do not compress: a text of ~1.3 KB, a vector of ~2 KB.
+    words = " ".join(uuid4().hex[:10] for _ in range(120))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        if conn.info.server_version < 170000:
+            pytest.skip("pg_column_toast_chunk_id() is PostgreSQL 17's")
+        conn.execute(
+            "INSERT INTO conversations (id, prompt, response, status, created_at, model,"
+            " provider) VALUES (%s, 'a prompt', %s, 'completed', now(), 'demo', 'demo')",
+            (conversation_id := uuid4(), words),
+        )
+        row = conn.execute(
+            "SELECT pg_column_toast_chunk_id(search) IS NULL,"
+            " pg_column_toast_chunk_id(response) IS NULL FROM conversations WHERE id = %s",
+            (conversation_id,),
+        ).fetchone()
+    assert row == (True, False), "(vector in the row, text out of line) expected"

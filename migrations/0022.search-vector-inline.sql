@@ -1,0 +1,13 @@
+-- The stored search vector kept in the row, the answer's text moved out of it instead.
+--
+-- A search that walks the newest conversations reads each row's vector, never its text.
+-- With the default (EXTENDED) storage PostgreSQL moves the largest value of a row past
+-- ~2 KB out of line first: the vector (1,429 bytes on average at 10,000,000, larger than
+-- the 740-byte answer it indexes). Every row a walk read then cost a second random read
+-- in the TOAST table: a cold walk of 9,641 rows read 10,012 heap and 8,324 TOAST pages
+-- (3.7 s). MAIN keeps the vector inline (compressed if need be, out of line only when the
+-- row cannot fit a page otherwise); the text, which only the detail page and a page's
+-- matches show, goes out of line in its place. Rows written from now on; older rows keep
+-- their layout until they are written again. Nothing is rewritten here.
+-- depends: 0021.rollup-deltas
+ALTER TABLE conversations ALTER COLUMN search SET STORAGE MAIN;
