@@ -147,6 +147,10 @@ INSERT_SQL = (
         JOIN seed_prompts p ON p.n = (s.g * 7919) %% %(pool)s
         JOIN seed_responses r1 ON r1.n = (s.g * 104729) %% %(pool)s
         JOIN seed_responses r2 ON r2.n = (s.g * 1299709 + 17) %% %(pool)s
+        -- In created_at order, as the service appends them: the hash joins hand rows
+        -- over in the order of the texts' table, which put the rows of consecutive
+        -- seconds ~400 pages apart (a walk of the newest rows read a page per row).
+        ORDER BY s.g
     ),
     first_connection AS (
         -- From `shaped`, not the INSERT's RETURNING: it has the draws too (same ids).
