@@ -315,77 +315,96 @@ _HOURS_TABLE = "conversation_stats_hours"
 _REVIEW_TABLES = ("review_counts", "review_counts_daily")
 
 
-def _rollup_query(size: BucketSize, by_status: bool, by_model: bool) -> sql.SQL:
-    """The one statement of a kind of request: a row per bucket, its counts by status as
-    columns, its error codes and their counts as two arrays, its other figures, its
-    histograms (ttfc then duration) as an array and its review figures. Composed into
-    plain text once (composing 180 sums per request cost more than running them, ~3 ms).
+def _rollup_queries(size: BucketSize, by_status: bool, by_model: bool) -> tuple[sql.SQL, ...]:
+    """The three statements of a kind of request, a row per bucket each (but see
+    _whole_hours_sums): counts, other figures with the histograms, review figures.
+    Composed into plain text once (composing 180 sums per request cost more than running
+    them, ~3 ms).
 
-    Why one row per bucket: the counts by status and code were ~6 rows a bucket (~8,600
-    for 60 days of hours), each read, parsed and folded into a bucket in Python; summed
-    here, PostgreSQL does in C what was most of the Python's time.
+    The counts by status are columns and the error codes two arrays: as rows they were
+    ~6 a bucket (~8,600 for 60 days of hours), each parsed and folded into its bucket
+    in Python, which cost more than PostgreSQL's sums. The histograms are int4: half
+    the bytes of bigint on the wire (180 bins x 1,440 hours is 3 MB in bigint).
     """
-    counts = _source(
-        _STATS_TABLES, ["status", "error_code", "conversations"], size, by_status, by_model
-    )
-    by_status_columns = sql.SQL(", ").join(
-        sql.SQL("coalesce(sum(n) FILTER (WHERE status = {}), 0)::bigint").format(
-            sql.Literal(status)
-        )
-        for status in _STATUSES
-    )
-    columns = _FIGURE_COLUMNS + _BIN_COLUMNS
-    whole_hours = size is BucketSize.HOUR and not (by_status or by_model)
-    tables = (_HOURS_TABLE, "conversation_stats_daily") if whole_hours else _STATS_TABLES
-    statement = sql.SQL("""
-        WITH counts AS (
-            SELECT bucket, status, error_code, sum(conversations) AS n
-            FROM {counts} GROUP BY 1, 2, 3
-        ), statuses AS (
-            SELECT bucket, {by_status} FROM counts GROUP BY 1
-        ), errors AS (
-            SELECT bucket, array_agg(error_code ORDER BY error_code) AS codes,
-                   array_agg(n::bigint ORDER BY error_code) AS code_counts
-            FROM (SELECT bucket, error_code, sum(n) AS n FROM counts
-                  WHERE error_code <> '' GROUP BY 1, 2) AS e
-            GROUP BY 1
-        ), sums AS (
-            SELECT bucket, {figures}, ARRAY[{bins}] AS bins FROM {sums} GROUP BY 1
-        ), reviews AS (
-            SELECT bucket, {reviews} FROM {review_source} GROUP BY 1
-        )
-        SELECT * FROM statuses
-        LEFT JOIN errors USING (bucket)
-        FULL JOIN sums USING (bucket)
-        FULL JOIN reviews USING (bucket)
+    counts = sql.SQL("""
+        SELECT bucket, {by_status},
+               array_agg(error_code ORDER BY error_code) FILTER (WHERE error_code <> ''),
+               array_agg(n::bigint ORDER BY error_code) FILTER (WHERE error_code <> '')
+        FROM (SELECT bucket, status, error_code, sum(conversations) AS n
+              FROM {source} GROUP BY 1, 2, 3) AS c
+        GROUP BY 1
     """).format(
-        counts=counts,
-        by_status=by_status_columns,
-        figures=_sums(_FIGURE_COLUMNS),
-        bins=_sums(_BIN_COLUMNS, empty=0),
-        sums=_source(tables, columns, size, by_status, by_model),
-        reviews=_sums(_REVIEW_COLUMNS),
-        review_source=_source(_REVIEW_TABLES, _REVIEW_COLUMNS, size, by_status, by_model),
+        by_status=sql.SQL(", ").join(
+            sql.SQL("coalesce(sum(n) FILTER (WHERE status = {}), 0)::bigint").format(
+                sql.Literal(status)
+            )
+            for status in _STATUSES
+        ),
+        source=_source(
+            _STATS_TABLES, ["status", "error_code", "conversations"], size, by_status, by_model
+        ),
     )
-    return sql.SQL(statement.as_string())
+    if size is BucketSize.HOUR and not (by_status or by_model):
+        sums = _whole_hours_sums()
+    else:
+        sums = sql.SQL("""
+            SELECT bucket, {figures}, ARRAY[{bins}]::int4[] FROM {source} GROUP BY 1
+        """).format(
+            figures=_sums(_FIGURE_COLUMNS),
+            bins=_sums(_BIN_COLUMNS, empty=0),
+            source=_source(
+                _STATS_TABLES, _FIGURE_COLUMNS + _BIN_COLUMNS, size, by_status, by_model
+            ),
+        )
+    reviews = sql.SQL("SELECT bucket, {sums} FROM {source} GROUP BY 1").format(
+        sums=_sums(_REVIEW_COLUMNS),
+        source=_source(_REVIEW_TABLES, _REVIEW_COLUMNS, size, by_status, by_model),
+    )
+    return tuple(sql.SQL(statement.as_string()) for statement in (counts, sums, reviews))
+
+
+def _whole_hours_sums() -> sql.Composed:
+    """By hour, unsliced: conversation_stats_hours (migration 0017) holds one row an hour,
+    read as it is rather than summed (180 sums per hour over rows that are each their
+    own group cost ~20 ms for 60 days); only the rows not folded yet are summed. An hour
+    can then come twice, which _rollup_figures adds up."""
+    where = sql.SQL("bucket >= %(start)s AND bucket < %(end)s")
+    figures = sql.SQL(", ").join(
+        sql.SQL("{}::bigint").format(sql.Identifier(name)) for name in _FIGURE_COLUMNS
+    )
+    bins = sql.SQL(", ").join(
+        sql.SQL("coalesce({}, 0)").format(sql.Identifier(name)) for name in _BIN_COLUMNS
+    )
+    return sql.SQL("""
+        SELECT bucket, {figures}, ARRAY[{bins}]::int4[]
+        FROM conversation_stats_hours WHERE {where}
+        UNION ALL
+        SELECT bucket, {sums}, ARRAY[{bin_sums}]::int4[]
+        FROM conversation_stats_live WHERE writer <> {folded} AND {where} GROUP BY 1
+    """).format(
+        figures=figures,
+        bins=bins,
+        sums=_sums(_FIGURE_COLUMNS),
+        bin_sums=_sums(_BIN_COLUMNS, empty=0),
+        folded=sql.Literal(_FOLDED),
+        where=where,
+    )
 
 
 _ROLLUP_QUERIES = {
-    (size, by_status, by_model): _rollup_query(size, by_status, by_model)
+    (size, by_status, by_model): _rollup_queries(size, by_status, by_model)
     for size in BucketSize
     for by_status in (False, True)
     for by_model in (False, True)
 }
-_NO_SUMS = (0, 0, 0, 0, 0, [0] * 2 * BINS)  # a bucket with counts but no other figures
-_NO_REVIEWS = (0, 0, 0, 0)
 
 
 async def _rollup_figures(
     conn: AsyncConnection, history_filter: HistoryFilter, size: BucketSize,
     start: datetime, end: datetime,
 ) -> dict[datetime, Figures]:  # fmt: skip
-    """The sums over the rollups, a row per bucket (_rollup_query). Prepared (180 sums
-    cost more to plan than to run), read in binary (parsed twice as fast as text)."""
+    """The sums over the rollups (_rollup_queries). Prepared (180 sums cost more to plan
+    than to run), read in binary (parsed twice as fast as text)."""
     params = {
         "start": start,
         "end": end,
@@ -393,29 +412,44 @@ async def _rollup_figures(
         "model": history_filter.model,
     }
     key = (size, history_filter.status is not None, history_filter.model is not None)
-    cursor = await conn.cursor(binary=True).execute(_ROLLUP_QUERIES[key], params, prepare=True)
+    counts, sums, reviews = _ROLLUP_QUERIES[key]
     figures: dict[datetime, Figures] = {}
-    statuses = len(_STATUSES)
-    for row in await cursor.fetchall():
-        counts = row[1 : 1 + statuses]
-        codes, code_counts = row[1 + statuses : 3 + statuses]
-        sums = row[3 + statuses : 9 + statuses]
-        reviews = row[9 + statuses :]
-        ended, chunks, prompt, completion, estimated, bins = _NO_SUMS if sums[0] is None else sums
-        reviewed, good, bad, unsure = _NO_REVIEWS if reviews[0] is None else reviews
-        figures[row[0]] = Figures(
-            by_status=dict(zip(_STATUSES, counts, strict=True)) if counts[0] is not None else {},
+    cursor = await conn.cursor(binary=True).execute(counts, params, prepare=True)
+    for moment, *by_status, codes, code_counts in await cursor.fetchall():
+        figures[moment] = Figures(
+            by_status=dict(zip(_STATUSES, by_status, strict=True)),
             errors=dict(zip(codes, code_counts, strict=True)) if codes else {},
-            ended=ended,
-            chunks=chunks,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            tokens_estimated=estimated,
-            ttfc=bins[:BINS],
-            duration=bins[BINS:],
-            reviews={"reviewed": reviewed, "good": good, "bad": bad, "unsure": unsure},
         )
+    summed: set[datetime] = set()
+    cursor = await conn.cursor(binary=True).execute(sums, params, prepare=True)
+    for moment, ended, chunks, prompt, completion, estimated, bins in await cursor.fetchall():
+        found = figures.get(moment) or _new(figures, moment)
+        if moment in summed:  # an hour's rows not folded yet, after its folded row
+            _add_sums(found, ended, chunks, prompt, completion, estimated, bins)
+            continue
+        summed.add(moment)
+        found.ended, found.chunks = ended, chunks
+        found.prompt_tokens, found.completion_tokens = prompt, completion
+        found.tokens_estimated = estimated
+        found.ttfc, found.duration = bins[:BINS], bins[BINS:]
+    cursor = await conn.cursor(binary=True).execute(reviews, params, prepare=True)
+    for moment, reviewed, good, bad, unsure in await cursor.fetchall():
+        found = figures.get(moment) or _new(figures, moment)
+        found.reviews = {"reviewed": reviewed, "good": good, "bad": bad, "unsure": unsure}
     return figures
+
+
+def _add_sums(
+    found: Figures, ended: int, chunks: int, prompt: int, completion: int, estimated: int,
+    bins: list[int],
+) -> None:  # fmt: skip
+    found.ended += ended
+    found.chunks += chunks
+    found.prompt_tokens += prompt
+    found.completion_tokens += completion
+    found.tokens_estimated += estimated
+    found.ttfc = [a + b for a, b in zip(found.ttfc, bins[:BINS], strict=True)]
+    found.duration = [a + b for a, b in zip(found.duration, bins[BINS:], strict=True)]
 
 
 def _new(figures: dict[datetime, Figures], moment: datetime) -> Figures:
