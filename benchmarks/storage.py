@@ -13,9 +13,10 @@ row shape (the demo provider's answers; one chunk row per word, times 50 ms apar
   chunks, never returned without REINDEX), so this "after" is not the steady state.
 - steady: the history built with compaction running while streaming continues: rounds
   of R conversations, each bulk-inserted and then folded by the service before the
-  next, to N in all; then autovacuum. Its "after" is the target's figure. The bulk
-  inserts run at the lowest CPU priority where the server is local (`lowered`), and one
-  last load run with nothing to fold gives the idle p99 to compare the others with.
+  next, to N in all; then autovacuum. Its "after" is the target's figure. Each round's
+  bulk insert runs alone (at the lowest CPU priority where the server is local,
+  `lowered`), then a load run of `--load-seconds` times the streams while the service
+  folds that round; one last load run with nothing to fold gives the idle p99.
 
 Bytes are pg_total_relation_size (heap, indexes, TOAST, free space) of every table of
 the schema, divided by the conversations. Autovacuum only: no VACUUM, no VACUUM FULL.
@@ -318,20 +319,20 @@ def steady(server: str, args: argparse.Namespace) -> dict[str, Any]:
         niced = lowered(conn)
         service = Service(url, args)
         try:
-            load = service.load_round()
             seeded, rates = 0, []
             while seeded < args.conversations:
+                # Seeded with no load running: a load run then times the streams beside
+                # the compaction of that round only, not beside the harness's bulk insert
+                # (its WAL and fsyncs slowed them as much as the compaction, niced or not).
                 ended_before = seed(conn, args.round, seeded)
                 seeded += args.round
+                load = service.load_round()
                 began = time.monotonic()
                 while uncompacted(conn, ended_before):
                     time.sleep(2)
                 rates.append(args.round / (time.monotonic() - began))
                 print(json.dumps({"seeded": seeded, "rate": round(rates[-1], 1)}), flush=True)
-                if load.poll() is not None:
-                    service.collect(load, busy=True)
-                    load = service.load_round()
-            service.collect(load, busy=True)
+                service.collect(load, busy=True)
             print(json.dumps({"steady_seeded": seeded}), flush=True)
             vacuum_wait = wait_for_autovacuum(conn, args.vacuum_wait)
             after = per_conversation(conn)
