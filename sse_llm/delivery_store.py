@@ -60,6 +60,12 @@ async def write_deliveries(conn: AsyncConnection, rows: Sequence[DeliveryRow]) -
         ), written AS (
             INSERT INTO deliveries AS w
             SELECT * FROM d
+            -- Only for a conversation that still exists: retention may have deleted it
+            -- (and its deliveries) since the client connected, and an end written later
+            -- would bring the row back, kept for ever. KEY SHARE is a foreign key's
+            -- check: it waits for a prune deleting the row to commit, then skips it.
+            WHERE EXISTS (SELECT 1 FROM conversations c WHERE c.id = d.conversation_id
+                          FOR KEY SHARE)
             ON CONFLICT (id) DO UPDATE
                 SET ended_at = excluded.ended_at, last_seq = excluded.last_seq,
                     ended = excluded.ended

@@ -4,21 +4,26 @@ pruner at a time; a dry run counts. Each test prunes a database of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
 import psycopg
 import pytest
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sse_llm import history_queries, retention, rollup_store, store
+from sse_llm import delivery_store, history_queries, retention, rollup_store, store
 from sse_llm.config import ConfigError, Settings
+from sse_llm.contract import DeliveryEnd, DeliveryVia
 from tests.conftest import word
 from tests.processes import BackgroundStream, spawn_server
 from tests.support import run, wait_until
@@ -449,3 +454,70 @@ def test_a_long_prune_returns_once_nothing_old_is_left(
     result = run(retention.prune(own_database, 1, batch_size=100, min_pause=0))
     assert (result.deleted, result.batches) == (1_234, 13)
     assert result.longest_batch_seconds <= time.monotonic() - began
+
+
+def delivery_of(conversation_id: UUID, ended: DeliveryEnd | None) -> delivery_store.DeliveryRow:
+    """An attach to the conversation, open (ended None) or ended."""
+    now = datetime.now(UTC)
+    return delivery_store.DeliveryRow(
+        uuid4(), conversation_id, DeliveryVia.ATTACH, uuid4(), now,
+        now if ended else None, 1, 3 if ended else None, ended,
+    )  # fmt: skip
+
+
+def test_a_delivery_ended_after_its_conversation_was_pruned_is_not_brought_back(
+    own_database: str, conn: psycopg.Connection
+) -> None:
+    old = add(conn, 40)
+    opened = delivery_of(old, None)
+
+    async def scenario() -> None:
+        async with await AsyncConnection.connect(own_database, autocommit=True) as writer:
+            await delivery_store.write_deliveries(writer, [opened])
+            assert remaining(conn, "deliveries", [old]) == {old}
+            # A slow client is still being replayed the old answer when the prune runs.
+            await retention.prune(own_database, 30, min_pause=0)
+            ended = replace(opened, ended_at=datetime.now(UTC), last_seq=3, ended=DeliveryEnd.DONE)
+            await delivery_store.write_deliveries(writer, [ended, delivery_of(old, None)])
+
+    run(scenario)
+    assert remaining(conn, "conversations", [old]) == set()
+    assert remaining(conn, "deliveries", [old]) == set()
+
+
+def test_a_delivery_written_while_a_prune_deletes_its_conversation_waits_and_is_dropped(
+    own_database: str, conn: psycopg.Connection
+) -> None:
+    old, kept = add(conn, 40), add(conn, 1)
+
+    async def scenario() -> bool:
+        connect = AsyncConnection.connect
+        async with (
+            await connect(own_database) as pruner,
+            await connect(own_database, autocommit=True) as writer,
+        ):
+            # The prune's batch, stopped before its commit: rows locked, then deleted.
+            await pruner.execute("SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (old,))
+            await pruner.execute("DELETE FROM deliveries WHERE conversation_id = %s", (old,))
+            await pruner.execute("DELETE FROM conversations WHERE id = %s", (old,))
+            rows = [delivery_of(old, DeliveryEnd.DONE), delivery_of(kept, DeliveryEnd.DONE)]
+            written = asyncio.create_task(delivery_store.write_deliveries(writer, rows))
+            deadline = time.monotonic() + 3
+            waited = False
+            while not waited and time.monotonic() < deadline and not written.done():
+                waited = one(
+                    conn,
+                    "SELECT count(*) > 0 FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                await asyncio.sleep(0.02)
+            await pruner.commit()
+            await written
+            return waited
+
+    waited = run(scenario)
+    # It waited for the prune to end, as a foreign key's check would, then wrote the
+    # delivery of the conversation that is left and not the other's.
+    assert waited
+    assert remaining(conn, "deliveries", [old]) == set()
+    assert one(conn, "SELECT count(*) FROM deliveries WHERE conversation_id = %s", kept) == 2
