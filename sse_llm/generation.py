@@ -18,13 +18,14 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 
 from sse_llm import store
+from sse_llm.batch_writes import rejected_end, unavailable_end
 from sse_llm.config import Settings
 from sse_llm.contract import INTERRUPTED_MESSAGE, ErrorCode, Status, StopReason
 from sse_llm.metrics import Metrics
 from sse_llm.providers import Provider, ProviderError
 from sse_llm.providers.base import ModelRequest, Usage, estimate_usage
 from sse_llm.store import Chunk, Conversation, Ending, Outcome
-from sse_llm.writer import Writer, rejected_end, unavailable_end
+from sse_llm.writer import Writer
 
 log = logging.getLogger(__name__)
 

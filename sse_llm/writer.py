@@ -40,17 +40,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeGuard, TypeVar
+from typing import Protocol, TypeGuard
 from uuid import UUID
 
 import psycopg
 
-from sse_llm import delivery_store, store
-from sse_llm.contract import ErrorCode, Status, StopReason
+from sse_llm import batch_writes, store
+from sse_llm.batch_writes import Stored, is_outage, rejected_end, unavailable_end
+from sse_llm.contract import StopReason
 from sse_llm.database import connection_options
-from sse_llm.delivery_store import CUT_OFF, DeliveryRow
+from sse_llm.delivery_store import DeliveryRow
 from sse_llm.errors import StorageRejected, StorageUnavailable
 from sse_llm.metrics import Metrics
 from sse_llm.store import Chunk, Conversation, Ending, NewConversation
@@ -75,29 +75,6 @@ DELIVERY_LINGER_SECONDS = 0.25
 # those of kept ends and unconfirmed conversations when nothing else is written).
 RETRY_FIRST_SECONDS = 0.05
 RETRY_MAX_SECONDS = 1.0
-# SQLSTATE classes that say nothing about the data: connection exceptions (08),
-# transaction rollback (40: a deadlock, say), insufficient resources (53, a full disk),
-# operator intervention (57: a shutdown, a cancel), system errors (58: I/O).
-_NOT_THE_DATA = ("08", "40", "53", "57", "58")
-
-STORAGE_UNAVAILABLE_MESSAGE = "The database could not store the answer; the stream was stopped."
-STORAGE_REJECTED_MESSAGE = "The database refused this answer's text; the stream was stopped."
-
-T = TypeVar("T")
-
-
-def unavailable_end(conversation_id: UUID) -> Ending:
-    """The end of a generation whose answer the database could not take in time."""
-    return Ending(
-        conversation_id, Status.FAILED, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_UNAVAILABLE_MESSAGE
-    )
-
-
-def rejected_end(conversation_id: UUID) -> Ending:
-    """The end of a generation some of whose text the database refused."""
-    return Ending(
-        conversation_id, Status.FAILED, ErrorCode.STORAGE_REJECTED, STORAGE_REJECTED_MESSAGE
-    )
 
 
 class ChunkOwner(Protocol):
@@ -142,34 +119,6 @@ class _Batch:
 
     def __bool__(self) -> bool:
         return bool(self.creates or self.chunks or self.ends or self.deliveries)
-
-
-@dataclass
-class _Stored:
-    """What one committed transaction did."""
-
-    rows: dict[UUID, Conversation] = field(default_factory=dict)
-    # Conversations whose chunks the fence turned away.
-    refused: set[UUID] = field(default_factory=set)
-    # Conversations whose create was refused, or the seq of their first chunk refused
-    # (that chunk and every later one of the batch are not stored).
-    rejected_creates: set[UUID] = field(default_factory=set)
-    rejected_from: dict[UUID, int] = field(default_factory=dict)
-    # Each end as recorded (a plain failed end if the database refused the first one);
-    # an end missing here was fenced.
-    ends: dict[UUID, Ending] = field(default_factory=dict)
-
-
-def is_outage(exc: BaseException, connection: psycopg.AsyncConnection | None) -> bool:
-    """Whether an error says the database is away (retry) rather than refusing data."""
-    if not isinstance(exc, psycopg.Error):
-        return False
-    if exc.sqlstate:
-        return exc.sqlstate.startswith(_NOT_THE_DATA)
-    # No SQLSTATE: raised by psycopg itself; a connection problem if the connection broke.
-    return isinstance(exc, psycopg.OperationalError) and (
-        connection is None or connection.broken or connection.closed
-    )
 
 
 def _is_conflict(exc: BaseException) -> TypeGuard[psycopg.Error]:
@@ -360,7 +309,7 @@ class Writer:
         self._retry_delay = 0.0
         self._settle(batch, stored, time.monotonic() - started)
 
-    def _settle(self, batch: _Batch, stored: _Stored, seconds: float) -> None:
+    def _settle(self, batch: _Batch, stored: Stored, seconds: float) -> None:
         """Tell everyone waiting on the committed batch what became of their items."""
         for conversation, future in batch.creates:
             if conversation.id in stored.rejected_creates:
@@ -384,9 +333,7 @@ class Writer:
         if published:
             self._metrics.observe_batch(published, seconds)
 
-    def _settle_chunks(
-        self, chunks: list[tuple[Chunk, ChunkOwner]], stored: _Stored
-    ) -> list[Chunk]:
+    def _settle_chunks(self, chunks: list[tuple[Chunk, ChunkOwner]], stored: Stored) -> list[Chunk]:
         published: list[Chunk] = []
         for chunk, owner in chunks:
             conversation_id = chunk.conversation_id
@@ -430,7 +377,7 @@ class Writer:
             del self._kept_deliveries[given_up]
             log.warning("gave up recording delivery %s", given_up)
 
-    async def _persist(self, batch: _Batch) -> _Stored:
+    async def _persist(self, batch: _Batch) -> Stored:
         """Write the batch (and the leftovers) in one transaction; on a connection problem
         retry with backoff; on any other error, write it again isolating the bad items.
 
@@ -495,154 +442,35 @@ class Writer:
 
     async def _transaction(
         self, batch: _Batch, kept: list[Ending], unconfirmed: list[UUID], isolate: bool
-    ) -> _Stored:
+    ) -> Stored:
         self._committing = False
         connection = await self._connect()
-        stored = _Stored()
+        stored = Stored()
         ends = [ending for ending, _ in batch.ends] + kept
         deliveries = {**self._kept_deliveries, **batch.deliveries}
+        chunks = [chunk for chunk, _ in batch.chunks]
+        owner_id = self._owner_id
+        assert owner_id is not None, "the writer was not started"
         if not (batch.creates or ends or unconfirmed or isolate or deliveries):
             # One statement: no BEGIN needed.
-            await self._insert_chunks(connection, batch.chunks, stored, isolate=False)
+            await batch_writes.insert_chunks(connection, chunks, owner_id, stored, isolate=False)
             return stored
         async with connection.transaction():
             if unconfirmed:
-                await self._delete(connection, unconfirmed, isolate)
+                await batch_writes.delete_unconfirmed(connection, unconfirmed, isolate)
             if batch.creates:
-                await self._insert_conversations(connection, batch.creates, stored, isolate)
-            if batch.chunks:
-                await self._insert_chunks(connection, batch.chunks, stored, isolate)
+                new = [conversation for conversation, _ in batch.creates]
+                await batch_writes.insert_conversations(connection, new, stored, isolate)
+            if chunks:
+                await batch_writes.insert_chunks(connection, chunks, owner_id, stored, isolate)
             if ends:
-                await self._finish(connection, ends, stored, isolate)
+                await batch_writes.finish(connection, ends, owner_id, stored, isolate)
             if deliveries:
-                await self._write_deliveries(connection, list(deliveries.values()), isolate)
+                rows = [delivery.row() for delivery in deliveries.values()]
+                await batch_writes.write_deliveries(connection, rows, isolate)
             self._committing = True
         self._committing = False
         return stored
-
-    async def _delete(
-        self, connection: psycopg.AsyncConnection, ids: list[UUID], isolate: bool
-    ) -> None:
-        async def delete(part: list[UUID]) -> None:
-            await store.delete_unconfirmed_conversations(connection, part)
-
-        def give_up(conversation_id: UUID) -> None:
-            log.error("could not delete unconfirmed conversation %s", conversation_id)
-
-        await self._isolating(connection, ids, delete, give_up, isolate)
-
-    async def _insert_conversations(
-        self,
-        connection: psycopg.AsyncConnection,
-        creates: list[tuple[NewConversation, asyncio.Future[Conversation]]],
-        stored: _Stored,
-        isolate: bool,
-    ) -> None:
-        async def insert(part: list[NewConversation]) -> None:
-            for row in await store.insert_conversations(connection, part):
-                stored.rows[row.id] = row
-
-        def reject(conversation: NewConversation) -> None:
-            stored.rejected_creates.add(conversation.id)
-
-        new = [conversation for conversation, _ in creates]
-        await self._isolating(connection, new, insert, reject, isolate)
-
-    async def _insert_chunks(
-        self,
-        connection: psycopg.AsyncConnection,
-        chunks: list[tuple[Chunk, ChunkOwner]],
-        stored: _Stored,
-        isolate: bool,
-    ) -> None:
-        owner_id = self._owner_id
-        assert owner_id is not None, "the writer was not started"
-
-        async def insert(part: list[Chunk]) -> None:
-            if stored.rejected_from:  # no chunk after a refused one: it would leave a gap
-                part = [c for c in part if c.conversation_id not in stored.rejected_from]
-            if part:
-                stored.refused.update(await store.insert_chunks(connection, part, owner_id))
-
-        def reject(chunk: Chunk) -> None:
-            stored.rejected_from.setdefault(chunk.conversation_id, chunk.seq)
-
-        await self._isolating(connection, [chunk for chunk, _ in chunks], insert, reject, isolate)
-
-    async def _finish(
-        self,
-        connection: psycopg.AsyncConnection,
-        ends: list[Ending],
-        stored: _Stored,
-        isolate: bool,
-    ) -> None:
-        owner_id = self._owner_id
-        assert owner_id is not None, "the writer was not started"
-
-        async def finish(part: list[Ending]) -> None:
-            recorded = set(await store.finish_conversations(connection, part, owner_id))
-            stored.ends.update(
-                (e.conversation_id, e) for e in part if e.conversation_id in recorded
-            )
-
-        refused: list[Ending] = []
-        await self._isolating(connection, ends, finish, refused.append, isolate)
-        if not refused:
-            return
-        # The end the database refused becomes a plain failed end: still what clients are
-        # told, and the row stops streaming. Should that be refused too, the row is left
-        # to the sweep of this process's own rows.
-        plain = [rejected_end(ending.conversation_id) for ending in refused]
-        abandoned: list[Ending] = []
-        await self._isolating(connection, plain, finish, abandoned.append, isolate=True)
-        for ending in abandoned:
-            log.error("the database refused even a plain end of %s", ending.conversation_id)
-            stored.ends[ending.conversation_id] = ending
-
-    async def _write_deliveries(
-        self, connection: psycopg.AsyncConnection, deliveries: list[DeliveryRecord], isolate: bool
-    ) -> None:
-        """Write the deliveries' rows as they stand now; keep `delivery_cut` true."""
-        rows = [delivery.row() for delivery in deliveries]
-
-        async def write(part: list[DeliveryRow]) -> None:
-            refresh = await delivery_store.write_deliveries(connection, part)
-            # Rare: a cut-off, or an end sent to a conversation flagged cut.
-            refresh.extend(row.conversation_id for row in part if row.ended in CUT_OFF)
-            if refresh:
-                await delivery_store.refresh_delivery_cut(connection, sorted(set(refresh)))
-
-        def give_up(row: DeliveryRow) -> None:
-            log.error("the database refused delivery %s", row.id)
-
-        await self._isolating(connection, rows, write, give_up, isolate)
-
-    async def _isolating(
-        self,
-        connection: psycopg.AsyncConnection,
-        items: list[T],
-        write: Callable[[list[T]], Awaitable[None]],
-        reject: Callable[[T], None],
-        isolate: bool,
-    ) -> None:
-        """`write(items)`; with `isolate`, under a savepoint, halving what fails down to
-        the items the database refuses, which go to `reject`, in order."""
-        if not isolate:
-            await write(items)
-            return
-        try:
-            async with connection.transaction():  # a savepoint
-                await write(items)
-            return
-        except Exception as exc:
-            if is_outage(exc, connection):
-                raise
-            if len(items) == 1:
-                reject(items[0])
-                return
-        middle = len(items) // 2
-        await self._isolating(connection, items[:middle], write, reject, isolate)
-        await self._isolating(connection, items[middle:], write, reject, isolate)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is None or self._connection.closed:
